@@ -1,0 +1,318 @@
+"""Torch datasets over raw uint8 images, seeded stratified splits, and `load_data` for a DataConfig.
+
+A dataset keeps the raw images and applies, per item, an optional `augment` (PIL -> PIL, set by the
+trainer) and then `preprocess_image` with the pipeline's one PreprocessConfig. Because the exported
+bundle runs the very same `preprocess_image`, what training saw is what deployment sees.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from edgemml.config import DataConfig, PreprocessConfig, SplitConfig
+from edgemml.data.preprocess import normalize_spec, preprocess_image, to_pil
+from edgemml.data.sources import RawData, is_builtin, load_image_folder, load_source, source_files
+from edgemml.errors import InputError
+
+Augment = Callable[[Image.Image], Image.Image]
+
+# Preprocessed tensors of an un-augmented dataset are cached up to this many bytes per dataset.
+_CACHE_LIMIT_BYTES = 512 * 1024 * 1024
+
+
+class ImageDataset(Dataset):
+    """Raw uint8 images + int labels; items are (float32 tensor, int label) after preprocessing.
+
+    Label -1 marks an unlabelled image (calibration folders without class subfolders).
+    """
+
+    def __init__(self, images: Sequence[np.ndarray] | np.ndarray, labels: Sequence[int] | np.ndarray,
+                 classes: list[str], preprocess: PreprocessConfig | dict[str, Any], *,
+                 augment: Augment | None = None, files: Sequence[Path] | None = None,
+                 name: str = "") -> None:
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(self.images) != len(self.labels):
+            raise ValueError("images and labels differ in length")
+        self.classes = list(classes)
+        spec = preprocess.model_dump(mode="json") if isinstance(preprocess, PreprocessConfig) else preprocess
+        self.spec = normalize_spec(spec)
+        self.augment = augment
+        self.files = list(files) if files is not None else None
+        self.name = name
+        self._cache: dict[int, torch.Tensor] = {}
+        h, w = self.spec["size"]
+        per_item = 4 * h * w * (1 if self.spec["channels"] == "gray" else 3)
+        self._cache_ok = per_item * max(1, len(self.labels)) <= _CACHE_LIMIT_BYTES
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def targets(self) -> list[int]:
+        """torchvision-style alias used by samplers and metrics."""
+        return self.labels.tolist()
+
+    def raw_image(self, index: int) -> Image.Image:
+        """The stored image as PIL (L, RGB or RGBA), before augmentation and preprocessing."""
+        return to_pil(self.images[index])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if index < 0:
+            index += len(self)
+        if self.augment is None and index in self._cache:
+            return self._cache[index], int(self.labels[index])
+        img = self.raw_image(index)
+        if self.augment is not None:
+            img = self.augment(img)
+        try:
+            x = torch.from_numpy(preprocess_image(img, self.spec))
+        except ValueError as exc:
+            where = self.files[index] if self.files else f"{self.name or 'dataset'} item {index}"
+            raise InputError(f"cannot preprocess image: {exc}", file=where) from None
+        if self.augment is None and self._cache_ok:
+            self._cache[index] = x
+        return x, int(self.labels[index])
+
+    def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> ImageDataset:
+        """A new dataset over the given items (same classes, spec and augment)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if isinstance(self.images, np.ndarray):
+            images: Any = self.images[idx]
+        else:
+            images = [self.images[i] for i in idx.tolist()]
+        files = [self.files[i] for i in idx.tolist()] if self.files is not None else None
+        return ImageDataset(images, self.labels[idx], self.classes, self.spec, augment=self.augment,
+                            files=files, name=name or self.name)
+
+    def with_augment(self, augment: Augment | None) -> ImageDataset:
+        """The same samples with another augmentation (the trainer passes its random transforms)."""
+        ds = self.subset(np.arange(len(self)))
+        ds.augment = augment
+        return ds
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
+        return {c: int(n) for c, n in zip(self.classes, counts)}
+
+
+@dataclass
+class DataSplits:
+    """The train/val/test datasets of one DataConfig (val/test may be empty) and their class names."""
+
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+    classes: list[str]
+    source: str
+    calibration_set: ImageDataset | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def split(self, name: str) -> ImageDataset:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; use train, val or test")
+        return getattr(self, name)
+
+    def with_augment(self, split: str, augment: Augment | None) -> ImageDataset:
+        return self.split(split).with_augment(augment)
+
+    @property
+    def calibration(self) -> ImageDataset:
+        """data.calibration images if configured, else the train split (never augmented)."""
+        return self.calibration_set if self.calibration_set is not None else self.train
+
+    def summary(self) -> dict[str, Any]:
+        return {"source": self.source, "classes": self.classes,
+                "sizes": {s: len(self.split(s)) for s in ("train", "val", "test")}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Splitting
+# ----------------------------------------------------------------------------------------------
+
+
+def _split_counts(n: int, split: SplitConfig) -> tuple[int, int, int]:
+    n_val = int(round(n * split.val))
+    n_test = int(round(n * split.test))
+    if n_val + n_test > n:
+        n_test = n - n_val
+    return n - n_val - n_test, n_val, n_test
+
+
+def split_indices(labels: np.ndarray, split: SplitConfig, seed: int) -> dict[str, np.ndarray]:
+    """Seeded train/val/test index arrays; stratified per class when split.stratify is true."""
+    rng = np.random.default_rng(seed)
+    groups = ([np.flatnonzero(labels == c) for c in np.unique(labels)] if split.stratify
+              else [np.arange(len(labels))])
+    out: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for group in groups:
+        perm = rng.permutation(group)
+        n_train, n_val, _ = _split_counts(len(perm), split)
+        out["train"].append(perm[:n_train])
+        out["val"].append(perm[n_train:n_train + n_val])
+        out["test"].append(perm[n_train + n_val:])
+    return {k: np.sort(np.concatenate(v)) if v else np.zeros(0, np.int64) for k, v in out.items()}
+
+
+def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Seeded choice of at most `per_class` indices of each class (sorted)."""
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Seeded subset of n indices keeping class proportions (used by data.samples on file sources)."""
+    if n >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    frac = n / len(labels)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:max(1, int(round(frac * (labels == c).sum())))]
+            for c in np.unique(labels)]
+    idx = np.concatenate(keep)
+    return np.sort(rng.permutation(idx)[:n])
+
+
+# ----------------------------------------------------------------------------------------------
+# load_data
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve(path: str | Path, base_dir: Path) -> Path:
+    p = Path(os.path.expanduser(str(path)))
+    return p if p.is_absolute() else base_dir / p
+
+
+def _split_path(value: Path, cfg: DataConfig, base_dir: Path) -> Path:
+    """A `splits:` path: relative to the pipeline folder, or else to the source folder."""
+    direct = _resolve(value, base_dir)
+    if direct.exists() or value.is_absolute() or is_builtin(cfg.source):
+        return direct
+    under_source = _resolve(cfg.source, base_dir) / value
+    return under_source if under_source.exists() else direct
+
+
+def _dataset(raw: RawData, idx: np.ndarray | None, spec: dict[str, Any], name: str) -> ImageDataset:
+    ds = ImageDataset(raw.images, raw.labels, raw.classes, spec, files=raw.files, name=name)
+    return ds if idx is None else ds.subset(idx, name)
+
+
+def _remap(raw: RawData, classes: list[str]) -> RawData:
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.asarray([index[raw.classes[i]] for i in raw.labels.tolist()], dtype=np.int64)
+    return RawData(raw.images, labels, classes, raw.source, raw.files, raw.notes)
+
+
+def _load_explicit_splits(cfg: DataConfig, spec: dict[str, Any], seed: int,
+                          base_dir: Path) -> tuple[dict[str, ImageDataset], list[str], list[str]]:
+    assert cfg.splits is not None
+    raws: dict[str, RawData] = {}
+    for name, value in cfg.splits.items():
+        path = _split_path(value, cfg, base_dir)
+        raws[name] = load_source(str(path), path, classes=None, samples=None, seed=seed,
+                                 options={}, key=f"data.splits.{name}")
+    if "train" not in raws:
+        raise InputError("data.splits needs at least a train folder", key="data.splits")
+    if cfg.classes is not None:
+        classes = list(cfg.classes)
+    elif all(r.files and r.files[0].parent.parent == Path(r.source) for r in raws.values()):
+        classes = sorted({c for r in raws.values() for c in r.classes})  # image folders: by name
+    else:
+        classes = []
+        for name in ("train", "val", "test"):
+            for c in raws.get(name, RawData([], np.zeros(0), [], "")).classes:
+                if c not in classes:
+                    classes.append(c)
+    notes: list[str] = []
+    out: dict[str, ImageDataset] = {}
+    for name, raw in raws.items():
+        unknown = [c for c in raw.classes if c not in classes]
+        if unknown:
+            raise InputError(f"split {name} has classes {', '.join(unknown)} that are not in "
+                             f"data.classes ({', '.join(classes)})", key=f"data.splits.{name}")
+        out[name] = _dataset(_remap(raw, classes), None, spec, name)
+        notes += raw.notes
+    empty = ImageDataset(np.zeros((0, 1, 1), np.uint8), [], classes, spec)
+    for name in ("train", "val", "test"):
+        out.setdefault(name, empty.subset([], name))
+    return out, classes, notes
+
+
+def load_data(cfg: DataConfig, preprocess: PreprocessConfig, *, seed: int, base_dir: Path) -> DataSplits:
+    """Load, split and wrap the data of a DataConfig. Relative paths resolve against base_dir."""
+    spec = preprocess.model_dump(mode="json")
+    base_dir = Path(base_dir)
+    notes: list[str] = []
+    if cfg.splits:
+        sets, classes, notes = _load_explicit_splits(cfg, spec, seed, base_dir)
+        if cfg.samples is not None:
+            for name, ds in sets.items():
+                sets[name] = ds.subset(stratified_sample(ds.labels, cfg.samples, seed), name)
+    else:
+        path = None if is_builtin(cfg.source) else _resolve(cfg.source, base_dir)
+        raw = load_source(cfg.source, path, classes=cfg.classes, samples=cfg.samples, seed=seed,
+                          options=dict(cfg.options))
+        notes += raw.notes
+        classes = raw.classes
+        full = _dataset(raw, None, spec, "all")
+        if cfg.samples is not None and not is_builtin(cfg.source) and cfg.samples < len(full):
+            full = full.subset(stratified_sample(full.labels, cfg.samples, seed), "all")
+        idx = split_indices(full.labels, cfg.split, seed)
+        sets = {name: full.subset(idx[name], name) for name in ("train", "val", "test")}
+    if cfg.train_per_class is not None:
+        train = sets["train"]
+        keep = per_class_subset(train.labels, cfg.train_per_class, seed)
+        short = [c for c, n in train.class_counts().items() if n < cfg.train_per_class]
+        if short:
+            notes.append(f"train_per_class={cfg.train_per_class}: classes with fewer training "
+                         f"samples kept all of them: {', '.join(short)}")
+        sets["train"] = train.subset(keep, "train")
+    if len(sets["train"]) == 0:
+        raise InputError(f"the train split of {cfg.source} is empty", key="data.split.train",
+                         hint="raise data.split.train or add samples")
+    calib = None
+    if cfg.calibration is not None:
+        calib = load_calibration_folder(_resolve(cfg.calibration, base_dir), classes, spec)
+    return DataSplits(sets["train"], sets["val"], sets["test"], list(classes),
+                      cfg.source, calib, notes)
+
+
+def load_calibration_folder(folder: Path, classes: list[str], spec: dict[str, Any]) -> ImageDataset:
+    """Images of a calibration folder: root/<class>/* (labelled when names match) or flat (label -1)."""
+    from edgemml.data.sources import _is_image_file, read_image_file
+
+    if not folder.is_dir():
+        raise InputError(f"calibration folder not found: {folder}", key="data.calibration")
+    files = sorted(p for p in folder.rglob("*") if _is_image_file(p))
+    if not files:
+        raise InputError(f"calibration folder {folder} has no images", key="data.calibration")
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index.get(p.parent.name, -1) if p.parent != folder else -1 for p in files]
+    images = [read_image_file(p) for p in files]
+    return ImageDataset(images, labels, classes, spec, files=files, name="calibration")
+
+
+def data_files(cfg: DataConfig, base_dir: Path) -> list[Path]:
+    """The files whose bytes define the data (cache fingerprints); empty for built-in sources."""
+    base_dir = Path(base_dir)
+    paths: list[Path] = []
+    if cfg.splits:
+        for value in cfg.splits.values():
+            paths += source_files(_split_path(value, cfg, base_dir))
+    elif not is_builtin(cfg.source):
+        paths += source_files(_resolve(cfg.source, base_dir))
+    if cfg.calibration is not None:
+        paths += source_files(_resolve(cfg.calibration, base_dir))
+    return sorted(set(paths))
+
+
+__all__ = ["DataSplits", "ImageDataset", "data_files", "load_calibration_folder", "load_data",
+           "load_image_folder", "per_class_subset", "split_indices", "stratified_sample"]

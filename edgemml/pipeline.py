@@ -1,0 +1,582 @@
+"""The runner: stage order, fingerprints, skip / resume, and the run summary.
+
+A stage is skipped when its fingerprint (type, version, code, resolved config, shared sections, the
+sha256 of every input artifact and data file, library versions) matches its stage.json and every
+output still hashes as recorded. Otherwise it runs in a `.partial` folder that is renamed into place
+only when the stage succeeded, so a killed run resumes at the first unfinished stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import re
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgemml import __version__
+from edgemml.artifacts import (
+    MANIFEST,
+    STAGE_RECORD,
+    RunLock,
+    canonical_json,
+    describe_output,
+    read_json,
+    replace_dir,
+    sha256_file,
+    verify_output,
+    write_json_atomic,
+    write_text_atomic,
+)
+from edgemml.config import LoadedPipeline, StageConfig, stage_name
+from edgemml.errors import ArtifactError, ConfigError, EdgemmlError, GateFailed
+from edgemml.stages import get as get_stage
+from edgemml.stages.base import Reporter, Stage, StageContext, StageOutputs
+
+RECORD_SCHEMA = 1
+PARTIAL_MARK = ".edgemml-partial"
+#: versions recorded in every stage.json (whether or not they enter the fingerprint)
+RECORDED_DISTRIBUTIONS = ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf",
+                          "torch-pruning", "numpy")
+
+
+class InternalError(EdgemmlError):
+    """A stage crashed on something edgemml should have handled: a bug (exit 3)."""
+
+    exit_code = 3
+
+
+def dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass
+class PlannedStage:
+    index: int
+    name: str
+    config: StageConfig
+    stage_cls: type[Stage]
+    input_name: str | None
+    deps: list[str]
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.index + 1:02d}-{self.name}"
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    type: str
+    status: str  # cached | ran | failed | interrupted | not-run
+    reason: str
+    seconds: float = 0.0
+    dir: str | None = None
+    fingerprint: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def plan_stages(pipeline: LoadedPipeline) -> list[PlannedStage]:
+    """Resolve each stage's class, its default input and the earlier stages it reads."""
+    planned: list[PlannedStage] = []
+    for i, cfg in enumerate(pipeline.stages):
+        cls = get_stage(cfg.type)
+        name = stage_name(cfg)
+        input_name = cfg.input
+        if input_name is None and cls.needs_input(cfg):
+            for earlier in reversed(planned):
+                if "model" in earlier.stage_cls.provides:
+                    input_name = earlier.name
+                    break
+            if input_name is None:
+                raise ConfigError(
+                    f"stage {name!r} ({cfg.type}) needs a model from an earlier stage, and no earlier "
+                    f"stage produces one", file=str(pipeline.path), key=f"stages[{i}]",
+                    hint="add a stage that produces a model before it, or give it its own model")
+        deps = [input_name] if input_name else []
+        for _, ref in cls.references(cfg):
+            if ref not in deps:
+                deps.append(ref)
+        planned.append(PlannedStage(i, name, cfg, cls, input_name, deps))
+    return planned
+
+
+_code_hashes: dict[type, str] = {}
+
+
+def code_hash(cls: type) -> str:
+    """sha256 of the stage's module source: edits during development invalidate its cache."""
+    if cls not in _code_hashes:
+        try:
+            src = inspect.getsourcefile(cls)
+            _code_hashes[cls] = sha256_file(Path(src)) if src else "unknown"
+        except (TypeError, OSError):
+            _code_hashes[cls] = "unknown"
+    return _code_hashes[cls]
+
+
+class _DataHashCache:
+    """sha256 of data files, computed once per (path, size, mtime) within a run."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int, int], str] = {}
+
+    def digest(self, path: Path) -> str:
+        if not path.exists():
+            return "missing"
+        if path.is_dir():
+            parts = {p.relative_to(path).as_posix(): self.digest(p)
+                     for p in sorted(path.rglob("*")) if p.is_file()}
+            return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._cache:
+            self._cache[key] = sha256_file(path)
+        return self._cache[key]
+
+
+def fingerprint_inputs(item: PlannedStage, pipeline: LoadedPipeline,
+                       results: dict[str, StageOutputs], record_hashes: dict[str, dict[str, str]],
+                       data_hashes: _DataHashCache) -> dict[str, Any]:
+    """Everything that defines a stage's result; its canonical JSON hash is the fingerprint."""
+    top = pipeline.config
+    base = pipeline.base_dir
+    data_files: dict[str, str] = {}
+    for p in item.stage_cls.data_files(item.config, pipeline):
+        try:
+            key = p.resolve().relative_to(base.resolve()).as_posix()
+        except ValueError:
+            key = str(p)
+        data_files[key] = data_hashes.digest(p)
+    return {
+        "type": item.config.type,
+        "stage_version": item.stage_cls.version,
+        "code": code_hash(item.stage_cls),
+        "edgemml": __version__,
+        "versions": {d: dist_version(d) for d in item.stage_cls.requires},
+        "config": item.config.model_dump(mode="json", exclude={"name"}),
+        "shared": {
+            "seed": top.seed,
+            "preprocess": top.preprocess.model_dump(mode="json"),
+            "data": top.data.model_dump(mode="json") if top.data else None,
+            "model": top.model.model_dump(mode="json") if top.model else None,
+        },
+        "inputs": {dep: record_hashes[dep] for dep in item.deps},
+        "data_files": data_files,
+    }
+
+
+def fingerprint_of(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: obj}
+
+
+def explain_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """Why a fingerprint changed, in words ("config changed: target_macs 0.5 -> 0.4")."""
+    if not old:
+        return "no earlier record to compare"
+    a, b = _flatten(old), _flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "∅") != b.get(key, "∅"):
+            diffs.append(key)
+    if not diffs:
+        return "fingerprint changed"
+    labels = {"config": "config changed", "shared": "shared section changed",
+              "inputs": "input changed", "data_files": "data changed", "code": "stage code changed",
+              "versions": "library version changed", "stage_version": "stage version changed",
+              "edgemml": "edgemml version changed", "type": "stage type changed"}
+    first = diffs[0]
+    head = first.split(".")[0]
+    detail = first.split(".", 1)[1] if "." in first else first
+    if head in ("config", "shared"):
+        detail = f"{detail} {_short(a.get(first, '∅'))} -> {_short(b.get(first, '∅'))}"
+    elif head == "inputs":
+        detail = detail.split(".")[0] + " re-ran with different output"
+    more = f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""
+    return f"{labels.get(head, 'changed')}: {detail}{more}"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class Runner:
+    """Runs a loaded pipeline in a run directory."""
+
+    def __init__(self, pipeline: LoadedPipeline, run_dir: Path, reporter: Reporter, *,
+                 force: bool = False, from_stage: str | None = None,
+                 only_stage: str | None = None, rank: int = 0, world_size: int = 1) -> None:
+        self.pipeline = pipeline
+        self.run_dir = Path(os.path.abspath(run_dir))
+        self.reporter = reporter
+        self.force = force
+        self.from_stage = from_stage
+        self.only_stage = only_stage
+        self.rank = rank
+        self.world_size = world_size
+        self.plan = plan_stages(pipeline)
+        names = [p.name for p in self.plan]
+        for opt, value in (("--from", from_stage), ("--only", only_stage)):
+            if value is not None and value not in names:
+                import difflib
+                close = difflib.get_close_matches(value, names, n=1)
+                raise ConfigError(f"{opt} {value}: no such stage (stages: {', '.join(names)})",
+                                  hint=f"did you mean {close[0]!r}?" if close else None)
+        self.outcomes: list[StageOutcome] = []
+        self._data_hashes = _DataHashCache()
+        self._dry = False
+
+    # ---- paths and records -------------------------------------------------------------------
+
+    def stage_dir(self, item: PlannedStage) -> Path:
+        """The stage's folder; a folder of the same stage under an old number is renamed."""
+        final = self.run_dir / item.dir_name
+        if not final.exists() and self.run_dir.exists() and not self._dry:
+            pattern = re.compile(rf"^\d\d-{re.escape(item.name)}$")
+            for other in self.run_dir.iterdir():
+                if other.is_dir() and pattern.match(other.name) and other != final:
+                    os.replace(other, final)
+                    break
+        return final
+
+    def partial_dir(self, item: PlannedStage) -> Path:
+        return self.run_dir / f".{item.dir_name}.partial"
+
+    def _read_record(self, final: Path) -> dict[str, Any] | None:
+        path = final / STAGE_RECORD
+        if not path.exists():
+            return None
+        try:
+            record = read_json(path)
+        except (OSError, ValueError) as exc:
+            self.reporter.event("warning", stage=final.name,
+                                message=f"unreadable {STAGE_RECORD} ({exc}); the stage re-runs")
+            return None
+        return record if isinstance(record, dict) else None
+
+    def check_cached(self, item: PlannedStage, fp: str | None,
+                     record: dict[str, Any] | None) -> tuple[bool, str]:
+        """(cached?, reason in words)."""
+        final = self.stage_dir(item)
+        if record is None:
+            return False, "not run before"
+        if record.get("status") != "done":
+            return False, "previous attempt did not finish"
+        if fp is not None and record.get("fingerprint") != fp:
+            return False, "changed"
+        refreshed = False
+        for key, out in record.get("outputs", {}).items():
+            ok, problem, ref = verify_output(out, final)
+            if not ok:
+                self.reporter.event("warning", stage=item.name,
+                                    message=f"output {key!r} {problem}; the stage re-runs")
+                return False, f"output {key!r} {problem}"
+            refreshed |= ref
+        if refreshed and not self._dry:
+            write_json_atomic(final / STAGE_RECORD, record)
+        return True, "unchanged"
+
+    def outputs_from_record(self, item: PlannedStage, record: dict[str, Any]) -> StageOutputs:
+        final = self.stage_dir(item)
+        outputs = {k: final / v["path"] for k, v in record.get("outputs", {}).items()}
+        return StageOutputs(item.name, item.config.type, final, outputs, record.get("metrics", {}))
+
+    # ---- the run ----------------------------------------------------------------------------
+
+    def run(self) -> list[StageOutcome]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(self.run_dir).acquire()
+        started = time.time()
+        error: BaseException | None = None
+        try:
+            if lock.took_over_from is not None:
+                self.reporter.event("warning", stage="run", message=(
+                    f"the previous run (pid {lock.took_over_from}) ended without finishing; "
+                    f"resuming"))
+            self._run_locked()
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            try:
+                self._write_summary(started, error)
+            finally:
+                lock.release()
+        failures = [(o.name, g) for o in self.outcomes for g in o.metrics.get("gate_failures", [])]
+        if failures:
+            lines = "\n".join(f"  {name}: {g}" for name, g in failures)
+            raise GateFailed(f"{len(failures)} gate(s) failed:\n{lines}",
+                             hint=f"see the reports in {self.run_dir}")
+        return self.outcomes
+
+    def _run_locked(self) -> None:
+        results: dict[str, StageOutputs] = {}
+        hashes: dict[str, dict[str, str]] = {}
+        self.reporter.event("plan", total=len(self.plan), run_dir=str(self.run_dir),
+                            stages=[p.name for p in self.plan])
+        names = [p.name for p in self.plan]
+        from_index = names.index(self.from_stage) if self.from_stage else None
+        only_index = names.index(self.only_stage) if self.only_stage else None
+        needed = self._needed_for(only_index) if only_index is not None else None
+        manifest = self._manifest_base()
+
+        for item in self.plan:
+            if needed is not None and item.name not in needed:
+                self._outcome(item, "not-run", "not needed by --only")
+                continue
+            final = self.stage_dir(item)
+            record = self._read_record(final)
+            inputs_missing = [d for d in item.deps if d not in hashes]
+            if inputs_missing:
+                raise ArtifactError(f"stage {item.name!r} needs {inputs_missing} which did not run")
+            fp_inputs = fingerprint_inputs(item, self.pipeline, results, hashes, self._data_hashes)
+            fp = fingerprint_of(fp_inputs)
+            upstream_only = only_index is not None and item.index < only_index
+            forced = self.force or (from_index is not None and item.index >= from_index) or (
+                only_index is not None and item.index == only_index)
+            if upstream_only:
+                # --only: inputs are taken from the run directory as they are (verified, not re-run)
+                cached, why = self.check_cached(item, None, record)
+                if not cached:
+                    raise ArtifactError(
+                        f"--only {self.only_stage}: its input stage {item.name!r} has no finished "
+                        f"outputs in {self.run_dir} ({why})",
+                        hint=f"run the pipeline without --only first")
+                if record is not None and record.get("fingerprint") != fp:
+                    self.reporter.event("warning", stage=item.name, message=(
+                        "its outputs are from an older configuration; --only uses them anyway"))
+                reason = "used as input of --only"
+            elif forced:
+                cached, reason = False, "forced"
+            else:
+                cached, reason = self.check_cached(item, fp, record)
+                if reason == "changed":
+                    reason = explain_change(record.get("fingerprint_inputs") if record else None,
+                                            fp_inputs)
+            if from_index is not None and item.index < from_index and not cached:
+                raise ArtifactError(
+                    f"--from {self.from_stage}: earlier stage {item.name!r} is not up to date "
+                    f"({reason})", hint="run without --from so earlier stages run first")
+            if cached and record is not None:
+                out = self.outputs_from_record(item, record)
+                results[item.name] = out
+                hashes[item.name] = {k: v["sha256"] for k, v in record["outputs"].items()}
+                self.reporter.event("stage_skip", stage=item.name, type=item.config.type,
+                                    reason=reason)
+                self._outcome(item, "cached", reason, record.get("wall_time_s", 0.0), final,
+                              record.get("fingerprint"), record.get("metrics", {}))
+                manifest["stages"].append(self._manifest_entry(item, record.get("fingerprint"),
+                                                               "done"))
+                continue
+            record = self._execute(item, fp, fp_inputs, reason, results, manifest)
+            results[item.name] = self.outputs_from_record(item, record)
+            hashes[item.name] = {k: v["sha256"] for k, v in record["outputs"].items()}
+            manifest["stages"].append(self._manifest_entry(item, fp, "done"))
+            write_json_atomic(self.run_dir / MANIFEST, manifest)
+        write_json_atomic(self.run_dir / MANIFEST, manifest)
+
+    def _needed_for(self, index: int) -> set[str]:
+        by_name = {p.name: p for p in self.plan}
+        needed: set[str] = set()
+        todo = [self.plan[index].name]
+        while todo:
+            name = todo.pop()
+            if name not in needed:
+                needed.add(name)
+                todo.extend(by_name[name].deps)
+        return needed
+
+    def _execute(self, item: PlannedStage, fp: str, fp_inputs: dict[str, Any], reason: str,
+                 results: dict[str, StageOutputs], manifest: dict[str, Any]) -> dict[str, Any]:
+        partial = self.partial_dir(item)
+        mark = partial / PARTIAL_MARK
+        if partial.exists():
+            if mark.exists() and mark.read_text().strip() == fp:
+                self.reporter.event("message", stage=item.name,
+                                    message="resuming from an interrupted attempt")
+            else:
+                shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(mark, fp)
+        progress_manifest = dict(manifest)
+        progress_manifest["stages"] = manifest["stages"] + [
+            self._manifest_entry(item, fp, "running")]
+        write_json_atomic(self.run_dir / MANIFEST, progress_manifest)
+
+        ctx = StageContext(name=item.name, index=item.index, config=item.config,
+                           pipeline=self.pipeline, work_dir=partial,
+                           inputs={d: results[d] for d in item.deps}, input_name=item.input_name,
+                           reporter=self.reporter, rank=self.rank, world_size=self.world_size)
+        self.reporter.event("stage_start", stage=item.name, type=item.config.type, reason=reason)
+        t0 = time.perf_counter()
+        started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        try:
+            outputs = item.stage_cls().run(ctx, item.config)
+        except KeyboardInterrupt:
+            seconds = time.perf_counter() - t0
+            self._outcome(item, "interrupted", "interrupted (Ctrl-C)", seconds)
+            raise
+        except EdgemmlError as exc:
+            seconds = time.perf_counter() - t0
+            self.reporter.event("stage_failed", stage=item.name, seconds=seconds)
+            self._outcome(item, "failed", exc.message, seconds)
+            if getattr(exc, "stage", "missing") is None:
+                exc.stage = item.name  # type: ignore[attr-defined]
+            raise
+        except Exception as exc:
+            seconds = time.perf_counter() - t0
+            self.reporter.event("stage_failed", stage=item.name, seconds=seconds)
+            self._outcome(item, "failed", f"{type(exc).__name__}: {exc}", seconds)
+            log = self.run_dir / "error.log"
+            write_text_atomic(log, traceback.format_exc())
+            raise InternalError(
+                f"stage {item.name!r} crashed: {type(exc).__name__}: {exc}",
+                hint=f"traceback in {log}; resume with: edgemml run {self.pipeline.path} "
+                     f"(finished stages are kept)") from exc
+        seconds = time.perf_counter() - t0
+        record = self._finalize(item, partial, outputs, fp, fp_inputs, ctx, seconds, started_at)
+        self.reporter.event("stage_end", stage=item.name, seconds=seconds,
+                            metrics=record.get("metrics", {}))
+        self._outcome(item, "ran", reason, seconds, self.stage_dir(item), fp, record["metrics"])
+        return record
+
+    def _finalize(self, item: PlannedStage, partial: Path, outputs: dict[str, Path], fp: str,
+                  fp_inputs: dict[str, Any], ctx: StageContext, seconds: float,
+                  started_at: str) -> dict[str, Any]:
+        if not isinstance(outputs, dict):
+            raise InternalError(f"stage {item.name!r} returned {type(outputs).__name__}, "
+                                f"expected a dict of output paths")
+        (partial / PARTIAL_MARK).unlink(missing_ok=True)
+        described: dict[str, Any] = {}
+        root = partial.resolve()
+        for key, path in outputs.items():
+            path = Path(path)
+            p = path if path.is_absolute() else partial / path
+            try:
+                p.resolve().relative_to(root)
+            except ValueError:
+                raise InternalError(f"stage {item.name!r} output {key!r} ({path}) is outside its "
+                                    f"work folder") from None
+            if not p.exists():
+                raise InternalError(f"stage {item.name!r} declared output {key!r} at {p}, which "
+                                    f"it did not write")
+            described[key] = describe_output(p.resolve(), root)
+        record = {
+            "schema": RECORD_SCHEMA,
+            "stage": item.name,
+            "type": item.config.type,
+            "index": item.index,
+            "status": "done",
+            "fingerprint": fp,
+            "fingerprint_inputs": fp_inputs,
+            "config": item.config.model_dump(mode="json"),
+            "inputs": {d: fp_inputs["inputs"][d] for d in item.deps},
+            "outputs": described,
+            "metrics": ctx.metrics,
+            "started": started_at,
+            "wall_time_s": round(seconds, 3),
+            "versions": {"edgemml": __version__,
+                         **{d: dist_version(d) for d in RECORDED_DISTRIBUTIONS}},
+        }
+        write_json_atomic(partial / STAGE_RECORD, record)
+        replace_dir(partial, self.stage_dir(item))
+        return record
+
+    # ---- summaries ---------------------------------------------------------------------------
+
+    def _outcome(self, item: PlannedStage, status: str, reason: str, seconds: float = 0.0,
+                 final: Path | None = None, fp: str | None = None,
+                 metrics: dict[str, Any] | None = None) -> None:
+        self.outcomes.append(StageOutcome(item.name, item.config.type, status, reason,
+                                          round(seconds, 3), final.name if final else None,
+                                          fp, metrics or {}))
+
+    def _manifest_base(self) -> dict[str, Any]:
+        return {"schema": RECORD_SCHEMA, "pipeline": self.pipeline.config.name,
+                "pipeline_file": str(self.pipeline.path), "edgemml": __version__, "stages": []}
+
+    def _manifest_entry(self, item: PlannedStage, fp: str | None, status: str) -> dict[str, Any]:
+        return {"name": item.name, "type": item.config.type, "dir": item.dir_name,
+                "fingerprint": fp, "status": status}
+
+    def _write_summary(self, started: float, error: BaseException | None) -> None:
+        done = {o.name for o in self.outcomes}
+        outcomes = self.outcomes + [
+            StageOutcome(p.name, p.config.type, "not-run", "an earlier stage stopped the run")
+            for p in self.plan if p.name not in done]
+        status = "ok"
+        if isinstance(error, KeyboardInterrupt):
+            status = "interrupted"
+        elif error is not None:
+            status = "failed"
+        elif any(o.metrics.get("gate_failures") for o in outcomes):
+            status = "gate-failed"
+        summary = {
+            "schema": RECORD_SCHEMA,
+            "pipeline": self.pipeline.config.name,
+            "pipeline_file": str(self.pipeline.path),
+            "status": status,
+            "error": str(error) if error is not None and not isinstance(error, KeyboardInterrupt)
+            else None,
+            "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+            "wall_time_s": round(time.time() - started, 3),
+            "stages": [o.__dict__ for o in outcomes],
+        }
+        write_json_atomic(self.run_dir / "run.json", summary)
+        rows = "\n".join(f"| {o.name} | {o.type} | {o.status} | {o.seconds:.1f} | {o.reason} |"
+                         for o in outcomes)
+        write_text_atomic(self.run_dir / "run.md", (
+            f"# edgemml run: {self.pipeline.config.name}\n\nStatus: **{status}**, "
+            f"{summary['wall_time_s']:.1f} s\n\n| stage | type | status | seconds | why |\n"
+            f"|---|---|---|---:|---|\n{rows}\n"))
+        self.reporter.event("run_end", status=status, wall_time_s=summary["wall_time_s"],
+                            run_dir=str(self.run_dir))
+
+    # ---- dry plan (edgemml check) ------------------------------------------------------------
+
+    def dry_plan(self) -> list[tuple[PlannedStage, str, str]]:
+        """(stage, 'cached' | 'run', why) for each stage, without running or locking anything."""
+        self._dry = True
+        hashes: dict[str, dict[str, str]] = {}
+        will_run: set[str] = set()
+        out: list[tuple[PlannedStage, str, str]] = []
+        for item in self.plan:
+            upstream = [d for d in item.deps if d in will_run]
+            if self.force:
+                status, why = "run", "forced"
+            elif upstream:
+                status, why = "run", f"input {upstream[0]!r} runs first"
+            else:
+                fp_inputs = fingerprint_inputs(item, self.pipeline, {}, hashes, self._data_hashes)
+                record = self._read_record(self.stage_dir(item)) if self.run_dir.exists() else None
+                cached, why = self.check_cached(item, fingerprint_of(fp_inputs), record)
+                if why == "changed":
+                    why = explain_change(record.get("fingerprint_inputs") if record else None,
+                                         fp_inputs)
+                status = "cached" if cached else "run"
+                if cached and record is not None:
+                    hashes[item.name] = {k: v["sha256"] for k, v in record["outputs"].items()}
+            if status == "run":
+                will_run.add(item.name)
+            out.append((item, status, why))
+        return out

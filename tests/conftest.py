@@ -1,0 +1,45 @@
+"""Shared fixtures: run the real `edgemml` CLI in a subprocess, with the test stage plugin importable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+REPO = TESTS_DIR.parent
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("EDGEMML_DEBUG", None)
+    env["COLUMNS"] = "200"
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """`python -m edgemml.cli ARGS` in a subprocess, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "edgemml.cli", *args], cwd=cwd,
+                          env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+@pytest.fixture
+def calls_file(tmp_path: Path) -> Path:
+    return tmp_path / "calls.txt"
+
+
+def read_calls(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
