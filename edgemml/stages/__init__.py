@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgemml.errors import ConfigError
@@ -16,8 +17,21 @@ from edgemml.errors import ConfigError
 if TYPE_CHECKING:
     from edgemml.stages.base import Stage
 
-# Built-in stage types. A type appears here once its module exists.
-_BUILTIN: dict[str, str] = {}
+
+def _builtin_types() -> dict[str, str]:
+    """Built-in stage types, found by file name without importing anything: each module
+    `edgemml/stages/<type>.py` (other than base and helper modules starting with `_`) defines
+    `STAGE`, its Stage class. Adding a stage is adding a file."""
+    here = Path(__file__).parent
+    order = ["migrate", "finetune", "prune", "quantize", "export", "validate"]
+    found = sorted((p.stem for p in here.glob("*.py")
+                    if not p.stem.startswith("_") and p.stem not in _NOT_STAGES),
+                   key=lambda n: (order.index(n) if n in order else len(order), n))
+    return {name: f"edgemml.stages.{name}:STAGE" for name in found}
+
+
+_NOT_STAGES = {"base", "common"}
+_BUILTIN: dict[str, str] = _builtin_types()
 
 _registry: dict[str, str | type[Stage]] = dict(_BUILTIN)
 _entry_points_loaded = False
