@@ -104,7 +104,10 @@ def plan_stages(pipeline: LoadedPipeline) -> list[PlannedStage]:
                     f"stage produces one", file=str(pipeline.path), key=f"stages[{i}]",
                     hint="add a stage that produces a model before it, or give it its own model")
         deps = [input_name] if input_name else []
-        for _, ref in cls.references(cfg):
+        refs = [ref for _, ref in cls.references(cfg)]
+        if cls.reads_all_earlier:
+            refs += [p.name for p in planned]
+        for ref in refs:
             if ref not in deps:
                 deps.append(ref)
         planned.append(PlannedStage(i, name, cfg, cls, input_name, deps))
