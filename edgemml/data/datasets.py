@@ -70,10 +70,10 @@ class ImageDataset(Dataset):
             index += len(self)
         if self.augment is None and index in self._cache:
             return self._cache[index], int(self.labels[index])
-        img = self.raw_image(index)
-        if self.augment is not None:
-            img = self.augment(img)
         try:
+            img = self.raw_image(index)
+            if self.augment is not None:
+                img = self.augment(img)
             x = torch.from_numpy(preprocess_image(img, self.spec))
         except ValueError as exc:
             where = self.files[index] if self.files else f"{self.name or 'dataset'} item {index}"
@@ -139,26 +139,48 @@ class DataSplits:
 # ----------------------------------------------------------------------------------------------
 
 
-def _split_counts(n: int, split: SplitConfig) -> tuple[int, int, int]:
-    n_val = int(round(n * split.val))
-    n_test = int(round(n * split.test))
-    if n_val + n_test > n:
-        n_test = n - n_val
-    return n - n_val - n_test, n_val, n_test
+def _round(x: float) -> int:
+    return int(np.floor(x + 0.5))  # half up, not Python's banker's rounding
+
+
+def _allocate(counts: np.ndarray, total: int, cap: np.ndarray | None = None) -> np.ndarray:
+    """Split `total` over classes proportionally to counts (largest remainder), each <= cap."""
+    cap = counts if cap is None else cap
+    if counts.sum() == 0 or total <= 0:
+        return np.zeros(len(counts), np.int64)
+    quota = counts * (total / counts.sum())
+    take = np.minimum(np.floor(quota).astype(np.int64), cap)
+    order = np.argsort(-(quota - np.floor(quota)), kind="stable")
+    for i in order:
+        if take.sum() >= total:
+            break
+        if take[i] < cap[i]:
+            take[i] += 1
+    return take
 
 
 def split_indices(labels: np.ndarray, split: SplitConfig, seed: int) -> dict[str, np.ndarray]:
-    """Seeded train/val/test index arrays; stratified per class when split.stratify is true."""
+    """Seeded train/val/test index arrays.
+
+    Split sizes are round(N * fraction) for val and test (train gets the rest); with stratify each
+    class contributes proportionally (largest remainder, so per-class counts are within 1 of exact).
+    """
     rng = np.random.default_rng(seed)
-    groups = ([np.flatnonzero(labels == c) for c in np.unique(labels)] if split.stratify
-              else [np.arange(len(labels))])
+    n = len(labels)
+    if split.stratify:
+        classes, counts = np.unique(labels, return_counts=True)
+        groups = [np.flatnonzero(labels == c) for c in classes]
+    else:
+        counts, groups = np.asarray([n]), [np.arange(n)]
+    n_val = _allocate(counts, _round(n * split.val))
+    n_test = _allocate(counts, min(_round(n * split.test), n - int(n_val.sum())), counts - n_val)
     out: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
-    for group in groups:
+    for group, v, t in zip(groups, n_val, n_test):
         perm = rng.permutation(group)
-        n_train, n_val, _ = _split_counts(len(perm), split)
+        n_train = len(perm) - v - t
         out["train"].append(perm[:n_train])
-        out["val"].append(perm[n_train:n_train + n_val])
-        out["test"].append(perm[n_train + n_val:])
+        out["val"].append(perm[n_train:n_train + v])
+        out["test"].append(perm[n_train + v:])
     return {k: np.sort(np.concatenate(v)) if v else np.zeros(0, np.int64) for k, v in out.items()}
 
 
@@ -170,15 +192,14 @@ def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
 
 
 def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """Seeded subset of n indices keeping class proportions (used by data.samples on file sources)."""
+    """Seeded subset of exactly n indices keeping class proportions (data.samples on file sources)."""
     if n >= len(labels):
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
-    frac = n / len(labels)
-    keep = [rng.permutation(np.flatnonzero(labels == c))[:max(1, int(round(frac * (labels == c).sum())))]
-            for c in np.unique(labels)]
-    idx = np.concatenate(keep)
-    return np.sort(rng.permutation(idx)[:n])
+    classes, counts = np.unique(labels, return_counts=True)
+    take = _allocate(counts, n)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    return np.sort(np.concatenate(keep))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +244,7 @@ def _load_explicit_splits(cfg: DataConfig, spec: dict[str, Any], seed: int,
         raise InputError("data.splits needs at least a train folder", key="data.splits")
     if cfg.classes is not None:
         classes = list(cfg.classes)
-    elif all(r.files and r.files[0].parent.parent == Path(r.source) for r in raws.values()):
+    elif all(Path(r.source).is_dir() for r in raws.values()):
         classes = sorted({c for r in raws.values() for c in r.classes})  # image folders: by name
     else:
         classes = []
@@ -263,7 +284,8 @@ def load_data(cfg: DataConfig, preprocess: PreprocessConfig, *, seed: int, base_
         notes += raw.notes
         classes = raw.classes
         full = _dataset(raw, None, spec, "all")
-        if cfg.samples is not None and not is_builtin(cfg.source) and cfg.samples < len(full):
+        generated = cfg.source == "builtin:printed-digits"  # samples = how many to render
+        if cfg.samples is not None and not generated and cfg.samples < len(full):
             full = full.subset(stratified_sample(full.labels, cfg.samples, seed), "all")
         idx = split_indices(full.labels, cfg.split, seed)
         sets = {name: full.subset(idx[name], name) for name in ("train", "val", "test")}

@@ -28,7 +28,7 @@ class RawData:
     labels: np.ndarray
     classes: list[str]
     source: str
-    files: list[Path] | None = None
+    files: list[Path] | None = None  # one file per sample (image folders), else None
     notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -168,7 +168,7 @@ def load_npz(path: Path, classes: list[str] | None = None) -> RawData:
     else:
         raise InputError(f"y has dtype {y.dtype}; expected integer labels or class-name strings",
                          file=path, key="y")
-    return _rename(RawData(x, labels, names, str(path), [path]), classes, path)
+    return _rename(RawData(x, labels, names, str(path)), classes, path)
 
 
 def _rename(raw: RawData, classes: list[str] | None, file: Path | str | None) -> RawData:

@@ -1,0 +1,214 @@
+"""Build a model from a ModelConfig: torchvision classification builders or the user's own factory.
+
+torchvision models are built with weights=None (weights come from checkpoints, never from a
+download). For in_chans != 3 the stem conv is rebuilt with the same hyper-parameters, so 1-channel
+(grayscale) and 4-channel (RGB-D) inputs work with every architecture. `python:` factories import the
+user's code, which is why they are an explicit, separate key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from edgemml.config import ModelConfig
+from edgemml.errors import ConfigError
+
+TORCHVISION_PREFIX = "torchvision/"
+
+
+def known_architectures() -> list[str]:
+    """Every torchvision classification builder as `torchvision/<name>`, sorted."""
+    import torchvision
+
+    return [TORCHVISION_PREFIX + n for n in sorted(torchvision.models.list_models(module=torchvision.models))]
+
+
+def canonical_arch(arch: str) -> str:
+    """`resnet18` and `torchvision/resnet18` both name torchvision's resnet18."""
+    return arch if "/" in arch else TORCHVISION_PREFIX + arch
+
+
+def _import_factory(ref: str) -> Callable[..., nn.Module]:
+    if ":" not in ref:
+        raise ConfigError(f"python: {ref!r} must look like package.module:factory", key="model.python")
+    module_name, attr = ref.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import {module_name!r} for model.python: {exc}", key="model.python",
+                          hint="install the package or add its folder to PYTHONPATH") from None
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ConfigError(f"{module_name} has no attribute {attr!r}", key="model.python")
+    if not callable(factory):
+        raise ConfigError(f"{ref} is not callable", key="model.python")
+    return factory  # type: ignore[return-value]
+
+
+def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int) -> nn.Module:
+    """A freshly initialised model. cfg.num_classes / cfg.in_chans, when set, override the kwargs."""
+    num_classes = cfg.num_classes or num_classes
+    in_chans = cfg.in_chans or in_chans
+    options = dict(cfg.options)
+    if cfg.python is not None:
+        factory = _import_factory(cfg.python)
+        try:
+            model = factory(num_classes=num_classes, in_chans=in_chans, **options)
+        except TypeError as exc:
+            raise ConfigError(f"{cfg.python}(num_classes=..., in_chans=..., **options) failed: {exc}",
+                              key="model.python",
+                              hint="the factory must accept num_classes and in_chans keywords") from None
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"{cfg.python} returned {type(model).__name__}, not a torch.nn.Module",
+                              key="model.python")
+        return model
+    assert cfg.arch is not None
+    arch = canonical_arch(cfg.arch)
+    known = known_architectures()
+    if arch not in known:
+        close = difflib.get_close_matches(arch, known, n=1, cutoff=0.6)
+        raise ConfigError(f"unknown architecture {cfg.arch!r}; known: {', '.join(known)}",
+                          key="model.arch",
+                          hint=(f"did you mean {close[0]!r}? " if close else "")
+                          + "or use model.python: package.module:factory for your own architecture")
+    import torchvision
+
+    name = arch[len(TORCHVISION_PREFIX):]
+    if "weights" in options:
+        raise ConfigError("model.options.weights is not supported; give a checkpoint such as "
+                          "torchvision:ResNet18_Weights.IMAGENET1K_V1 to the migrate stage instead",
+                          key="model.options.weights")
+    try:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"cannot build {arch} with options {options}: {exc}", key="model.options") from None
+    if in_chans != 3:
+        replace_stem(model, in_chans)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding the stem and the classifier by running the model once
+# ------------------------------------------------------------------------------------------------
+
+
+def _first_conv_in_order(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            return name, mod
+    return None
+
+
+def _trace_calls(model: nn.Module, types: tuple[type, ...], in_chans: int | None = None) -> tuple[
+        list[tuple[str, nn.Module, torch.Tensor]], Any]:
+    """Run a dummy input (trying a few sizes) and return the modules of `types` in call order."""
+    if in_chans is None:
+        first = _first_conv_in_order(model)
+        in_chans = first[1].in_channels if first else 3
+    calls: list[tuple[str, nn.Module, torch.Tensor]] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: calls.append((names[id(mod)], mod, out)))
+             for m in model.modules() if isinstance(m, types)]
+    was_training = model.training
+    model.eval()
+    last_error: Exception | None = None
+    output = None
+    try:
+        for size in (64, 224, 32, 299):
+            calls.clear()
+            try:
+                with torch.no_grad():
+                    output = model(torch.zeros(1, in_chans, size, size))
+                break
+            except Exception as exc:  # noqa: BLE001 - wrong input size for this arch: try the next
+                last_error = exc
+        else:
+            raise RuntimeError(f"could not run {type(model).__name__} on a dummy input: {last_error}")
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return calls, output
+
+
+def find_stem_conv(model: nn.Module, in_chans: int | None = None) -> str:
+    """Qualified name of the first Conv2d the input reaches (forward-hook order on a dummy input)."""
+    try:
+        calls, _ = _trace_calls(model, (nn.Conv2d,), in_chans)
+    except RuntimeError:
+        calls = []
+    if calls:
+        return calls[0][0]
+    first = _first_conv_in_order(model)
+    if first is None:
+        raise ValueError(f"{type(model).__name__} has no Conv2d")
+    return first[0]
+
+
+def find_classifier(model: nn.Module, in_chans: int | None = None) -> str:
+    """Qualified name of the layer producing the logits: the last Linear called (or a 1x1 Conv2d
+    head like squeezenet's when no Linear runs)."""
+    calls, output = _trace_calls(model, (nn.Linear, nn.Conv2d), in_chans)
+    logits = output[0] if isinstance(output, (tuple, list)) else getattr(output, "logits", output)
+    n_out = logits.shape[-1] if isinstance(logits, torch.Tensor) else None
+    linears = [c for c in calls if isinstance(c[1], nn.Linear)]
+    for name, mod, _ in reversed(linears):
+        if n_out is None or mod.out_features == n_out:
+            return name
+    convs = [c for c in calls if isinstance(c[1], nn.Conv2d) and c[1].out_channels == n_out]
+    if convs:
+        return convs[-1][0]
+    if linears:
+        return linears[-1][0]
+    raise ValueError(f"cannot find the classifier layer of {type(model).__name__}")
+
+
+def get_submodule(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at a dotted name (works inside Sequential and ModuleList)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def replace_stem(model: nn.Module, in_chans: int) -> str:
+    """Rebuild the stem Conv2d for `in_chans` inputs, keeping every other hyper-parameter."""
+    name = find_stem_conv(model)
+    old = model.get_submodule(name)
+    assert isinstance(old, nn.Conv2d)
+    if old.groups != 1:
+        raise ConfigError(f"the stem conv {name} is grouped (groups={old.groups}); in_chans cannot be "
+                          f"changed for this architecture", key="model.in_chans")
+    new = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
+                    dilation=old.dilation, groups=1, bias=old.bias is not None,
+                    padding_mode=old.padding_mode)
+    set_submodule(model, name, new)
+    return name
+
+
+def adapt_stem_weight(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """Turn an RGB stem kernel (out, 3, k, k) into one for `in_chans` inputs, for pretrained weights.
+
+    1 channel: sum over RGB (a gray image = equal R, G, B gives the same response). More channels:
+    keep RGB and give the extra ones the mean RGB kernel, scaled so activations keep their size.
+    """
+    if weight.shape[1] == in_chans:
+        return weight
+    if weight.shape[1] != 3:
+        raise ValueError(f"can only adapt 3-channel stem weights, got {tuple(weight.shape)}")
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    if in_chans == 2:
+        return weight.sum(dim=1, keepdim=True).repeat(1, 2, 1, 1) / 2
+    extra = weight.mean(dim=1, keepdim=True).repeat(1, in_chans - 3, 1, 1)
+    return torch.cat([weight, extra], dim=1) * (3.0 / in_chans)
