@@ -66,9 +66,13 @@ def run_command(pipeline: Path, overrides: tuple[str, ...], out_dir: Path | None
     if from_stage and only_stage:
         raise click.UsageError("--from and --only cannot be combined")
     loaded = load_pipeline(pipeline, list(overrides))
-    reporter = JsonReporter() if log_json else QuietReporter() if quiet else RichReporter()
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(os.environ.get("RANK", "0"))  # set by torchrun, like WORLD_SIZE
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if rank != 0:  # rank 0 reports for every process
+        quiet, log_json = True, False
+        reporter: Any = _SilentReporter()
+    else:
+        reporter = JsonReporter() if log_json else QuietReporter() if quiet else RichReporter()
     runner = Runner(loaded, loaded.run_dir(out_dir), reporter, force=force, from_stage=from_stage,
                     only_stage=only_stage, rank=rank, world_size=world)
     with reporter:
@@ -80,6 +84,23 @@ def run_command(pipeline: Path, overrides: tuple[str, ...], out_dir: Path | None
                    f"{runner.run_dir}")
         for line in _highlights(outcomes):
             _out.print(line)
+
+
+class _SilentReporter:
+    """What ranks other than 0 report under torchrun: nothing (rank 0 speaks for all)."""
+
+    def event(self, kind: str, **data: Any) -> None:
+        pass
+
+    def progress(self, description: str, total: float | None) -> Any:
+        from edgemml.progress import QuietReporter
+        return QuietReporter().progress(description, total)
+
+    def __enter__(self) -> _SilentReporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 def _highlights(outcomes: list[Any]) -> list[str]:
@@ -150,6 +171,102 @@ def stages_command(names: tuple[str, ...]) -> None:
         for row in describe_fields(cls.Config):
             table.add_row(*row)
         _out.print(table)
+
+
+@cli.command("validate")
+@click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
+@_set_option()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory (default: runs/<name>, name defaulting to the file's stem).")
+@click.option("--force", is_flag=True, help="Re-measure even when nothing changed.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress output; warnings and errors only.")
+@click.option("--log-json", is_flag=True, help="Print one JSON event per line on stdout.")
+def validate_command(config_file: Path, overrides: tuple[str, ...], out_dir: Path | None,
+                     force: bool, quiet: bool, log_json: bool) -> None:
+    """Validate models made elsewhere (ONNX, OpenVINO, a bundle) against gates.
+
+    CONFIG_FILE holds the validate stage's options at the top level (artifacts, reference, bundle,
+    gates, baseline, ...) plus optional name, seed, data and preprocess. Exits 1 when a gate fails.
+    """
+    from edgemml.pipeline import Runner
+    from edgemml.progress import JsonReporter, QuietReporter, RichReporter
+    from edgemml.stages.validate import load_standalone
+
+    loaded = load_standalone(config_file, list(overrides))
+    reporter = JsonReporter() if log_json else QuietReporter() if quiet else RichReporter()
+    runner = Runner(loaded, loaded.run_dir(out_dir), reporter, force=force)
+    with reporter:
+        outcomes = runner.run()
+    if not quiet and not log_json:
+        _out.print(f"[green]passed[/]: run directory {runner.run_dir}")
+        for line in _highlights(outcomes):
+            _out.print(line)
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the re-rendered files (default: RUN_DIR/report).")
+def report_command(run_dir: Path, out_dir: Path | None) -> None:
+    """Re-render report.md, junit.xml and report.html from a run's report.json.
+
+    RUN_DIR is a run directory, a validate stage folder or a report.json. The files are written to
+    a separate folder so the stage's recorded outputs (and its cache) stay untouched.
+    """
+    from edgemml.report import find_report, load_report, render_from
+    from edgemml.report.markdown import gate_table
+
+    path = run_dir if run_dir.is_file() else find_report(run_dir)
+    out = out_dir or path.parent.parent / "report"
+    paths = render_from(path, out)
+    report = load_report(path)
+    failed = sum(r["status"] == "fail" for r in report.get("gates", []))
+    colour = "green" if report.get("status") == "passed" else "red"
+    _out.print(f"[{colour}]{report.get('status')}[/]: {failed} of {len(report.get('gates', []))} "
+               f"gate(s) failed ({path})")
+    if failed:
+        for line in gate_table(report, emoji=False):
+            if "FAIL" in line:
+                _out.print(escape(line))
+    for key, p in paths.items():
+        _out.print(f"  {key}: {p}")
+
+
+@cli.command("compare")
+@click.argument("run_a", type=click.Path(exists=True, path_type=Path))
+@click.argument("run_b", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+def compare_command(run_a: Path, run_b: Path, as_json: bool) -> None:
+    """Print how the validation figures of RUN_B differ from RUN_A (e.g. a branch vs main).
+
+    Each argument is a run directory, a validate stage folder or a report.json.
+    """
+    from edgemml.report import load_report
+    from edgemml.report.compare import compare_reports, gate_changes
+    from edgemml.report.gates import fmt
+
+    a, b = load_report(run_a), load_report(run_b)
+    rows, changes = compare_reports(a, b), gate_changes(a, b)
+    if as_json:
+        click.echo(json.dumps({"a": str(run_a), "b": str(run_b), "metrics": rows,
+                               "gates": changes}, indent=2))
+        return
+    table = Table(title=f"A = {run_a} ({a.get('status')}), B = {run_b} ({b.get('status')})",
+                  title_justify="left")
+    for col in ("artifact", "metric", "A", "B", "B - A"):
+        table.add_column(col, justify="left" if col in ("artifact", "metric") else "right")
+    for r in rows:
+        colour = {True: "green", False: "red"}.get(r["better"])
+        delta = fmt(r["delta"]) if r["delta"] is not None else (
+            "only in A" if r["b"] is None else "only in B")
+        table.add_row(r["artifact"], r["metric"], fmt(r["a"]), fmt(r["b"]),
+                      f"[{colour}]{delta}[/]" if colour else delta)
+    _out.print(table)
+    for c in changes:
+        _out.print(f"gate {c['gate']} ({c['artifact'] or '-'}): {c['a'] or 'absent'} -> "
+                   f"{c['b'] or 'absent'}")
+    if not changes:
+        _out.print("no gate changed status")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,245 @@
+"""Gates: limits on measured figures, per artifact or artifact group, and their pass/fail table.
+
+Why a table and not an exception: CI needs every gate's limit and measured value side by side (in
+report.md, junit.xml and the console) to see at once what drifted and by how much. A gate whose
+figure could not be measured, or whose selector matches no artifact, fails: a gate that silently
+gates nothing is worse than none.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Field
+
+from edgemml.config import StrictModel
+
+#: groups a gate selector may name besides an artifact's own name
+GROUPS = ("all", "onnx", "openvino", "fp32", "fp16", "int8", "deployed", "exact", "torch")
+SELECTOR_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.@-]*(\[f32\])?$")
+
+
+class RegressionLimits(StrictModel):
+    """How much worse than the baseline report an artifact of the same name may be."""
+
+    top1_pp: float | None = Field(None, ge=0, description="Top-1 may drop by this many points.")
+    top5_pp: float | None = Field(None, ge=0, description="Top-5 may drop by this many points.")
+    agreement: float | None = Field(None, ge=0, le=1,
+                                    description="Agreement with the reference may drop by this.")
+    latency_pct: float | None = Field(None, ge=0,
+                                      description="Batch-1 median latency may rise by this %.")
+    throughput_pct: float | None = Field(None, ge=0,
+                                         description="Throughput at batch N may fall by this %.")
+    size_pct: float | None = Field(None, ge=0, description="File size may grow by this %.")
+
+
+class GateLimits(StrictModel):
+    """Limits for the artifacts a selector names. Accuracy in percent, agreement as a fraction."""
+
+    max_abs_diff: float | None = Field(None, ge=0,
+                                       description="Largest |logit - reference logit| allowed.")
+    max_mean_abs_diff: float | None = Field(None, ge=0,
+                                            description="Mean |logit - reference logit| allowed.")
+    min_cosine: float | None = Field(None, ge=-1, le=1,
+                                     description="Mean per-sample cosine similarity to the reference.")
+    min_correlation: float | None = Field(
+        None, ge=-1, le=1, description="Correlation with the reference's logits, centred per class "
+        "over the samples (a near-constant output cannot pass).")
+    min_agreement: float | None = Field(None, ge=0, le=1,
+                                        description="Fraction of samples whose top-1 matches the "
+                                        "reference's.")
+    max_accuracy_drop: float | None = Field(None, description="Top-1 points below the reference.")
+    min_top1: float | None = Field(None, ge=0, le=100, description="Top-1 accuracy, percent.")
+    min_top5: float | None = Field(None, ge=0, le=100,
+                                   description="Top-5 accuracy, percent (more than 10 classes).")
+    min_class_accuracy: float | None = Field(None, ge=0, le=100,
+                                             description="Accuracy of the worst class, percent.")
+    max_size_mb: float | None = Field(None, gt=0, description="File size in MB (10^6 bytes).")
+    max_latency_ms: float | None = Field(None, gt=0, description="Batch-1 median latency, ms.")
+    max_p90_latency_ms: float | None = Field(None, gt=0, description="Batch-1 p90 latency, ms.")
+    min_throughput: float | None = Field(None, gt=0, description="Images/s at the batch size.")
+    max_mparams: float | None = Field(None, gt=0, description="Parameters, millions.")
+    max_mmacs: float | None = Field(None, gt=0, description="MACs per image, millions.")
+    max_regression: RegressionLimits | None = Field(
+        None, description="Limits relative to the same artifact in the `baseline` report.")
+
+
+# metric -> (path in the artifact entry, comparison, unit)
+METRICS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "max_abs_diff": (("parity", "max_abs_diff"), "<=", ""),
+    "max_mean_abs_diff": (("parity", "mean_abs_diff"), "<=", ""),
+    "min_cosine": (("parity", "cosine"), ">=", ""),
+    "min_correlation": (("parity", "correlation"), ">=", ""),
+    "min_agreement": (("parity", "agreement"), ">=", ""),
+    "max_accuracy_drop": (("parity", "accuracy_drop_pp"), "<=", "pp"),
+    "min_top1": (("accuracy", "top1_pct"), ">=", "%"),
+    "min_top5": (("accuracy", "top5_pct"), ">=", "%"),
+    "min_class_accuracy": (("accuracy", "worst_class_pct"), ">=", "%"),
+    "max_size_mb": (("size_mb",), "<=", "MB"),
+    "max_latency_ms": (("latency", "batch1_median_ms"), "<=", "ms"),
+    "max_p90_latency_ms": (("latency", "batch1_p90_ms"), "<=", "ms"),
+    "min_throughput": (("latency", "throughput_ips"), ">=", "img/s"),
+    "max_mparams": (("mparams",), "<=", "M"),
+    "max_mmacs": (("mmacs",), "<=", "M"),
+}
+
+# regression metric -> (path, direction where "worse" is higher(+1)/lower(-1), relative?, unit)
+REGRESSIONS: dict[str, tuple[tuple[str, ...], int, bool, str]] = {
+    "top1_pp": (("accuracy", "top1_pct"), -1, False, "pp"),
+    "top5_pp": (("accuracy", "top5_pct"), -1, False, "pp"),
+    "agreement": (("parity", "agreement"), -1, False, ""),
+    "latency_pct": (("latency", "batch1_median_ms"), 1, True, "%"),
+    "throughput_pct": (("latency", "throughput_ips"), -1, True, "%"),
+    "size_pct": (("size_bytes",), 1, True, "%"),
+}
+
+
+def check_selector(value: str) -> str:
+    if not SELECTOR_RE.match(value):
+        raise ValueError(f"invalid gate selector {value!r}: use an artifact name (onnx-int8, "
+                         f"openvino-fp32[f32], torch) or a group ({', '.join(GROUPS)})")
+    return value
+
+
+def matches(selector: str, entry: dict[str, Any]) -> bool:
+    """Whether a selector names this artifact entry. `all` covers every artifact but not the torch
+    reference (gate it as `torch`); a precision/backend group covers both OpenVINO modes."""
+    name = entry["name"]
+    if selector == name:
+        return True
+    is_ref = entry["format"] == "torch"
+    if selector == "torch":
+        return is_ref
+    if is_ref:
+        return False
+    if selector == "all":
+        return True
+    if selector in ("onnx", "openvino"):
+        return entry["format"] == selector
+    if selector in ("fp32", "fp16", "int8"):
+        return entry["precision"] == selector
+    if selector in ("deployed", "exact"):
+        return entry["mode"] == selector
+    return False
+
+
+def _get(entry: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = entry
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _passes(value: float, op: str, limit: float) -> bool:
+    return value <= limit if op == "<=" else value >= limit
+
+
+def _row(gate: str, selector: str, artifact: str | None, metric: str, op: str, limit: Any,
+         value: Any, unit: str, status: str, message: str = "") -> dict[str, Any]:
+    return {"gate": gate, "selector": selector, "artifact": artifact, "metric": metric, "op": op,
+            "limit": limit, "value": value, "unit": unit, "status": status, "message": message}
+
+
+def evaluate_gates(entries: list[dict[str, Any]], gates: dict[str, dict[str, Any]],
+                   baseline: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per (gate, matched artifact). `gates` is {selector: GateLimits as a dict}."""
+    rows: list[dict[str, Any]] = []
+    base_entries = {e["name"]: e for e in (baseline or {}).get("artifacts", [])}
+    for selector, limits in gates.items():
+        matched = [e for e in entries if matches(selector, e)]
+        for metric, limit in limits.items():
+            if limit is None:
+                continue
+            if metric == "max_regression":
+                rows += _regression_rows(selector, matched, limit, base_entries, baseline)
+                continue
+            path, op, unit = METRICS[metric]
+            gate = f"{selector}.{metric}"
+            if not matched:
+                rows.append(_row(gate, selector, None, metric, op, limit, None, unit, "fail",
+                                 f"no artifact matches {selector!r}"))
+                continue
+            for e in matched:
+                value = _get(e, path)
+                if value is None:
+                    rows.append(_row(gate, selector, e["name"], metric, op, limit, None, unit,
+                                     "fail", f"{'.'.join(path)} was not measured"
+                                     + (f": {e['notes'][path[-1]]}" if path[-1] in
+                                        e.get("notes", {}) else "")))
+                    continue
+                status = "pass" if _passes(float(value), op, float(limit)) else "fail"
+                rows.append(_row(gate, selector, e["name"], metric, op, limit, value, unit, status))
+    return rows
+
+
+def _regression_rows(selector: str, matched: list[dict[str, Any]], limits: dict[str, Any],
+                     base_entries: dict[str, dict[str, Any]],
+                     baseline: dict[str, Any] | None) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for key, limit in limits.items():
+        if limit is None:
+            continue
+        path, worse, relative, unit = REGRESSIONS[key]
+        gate = f"{selector}.max_regression.{key}"
+        if baseline is None:
+            rows.append(_row(gate, selector, None, f"regression.{key}", "<=", limit, None, unit,
+                             "fail", "no baseline report given (set `baseline:`)"))
+            continue
+        if not matched:
+            rows.append(_row(gate, selector, None, f"regression.{key}", "<=", limit, None, unit,
+                             "fail", f"no artifact matches {selector!r}"))
+        for e in matched:
+            base = base_entries.get(e["name"])
+            if base is None:
+                rows.append(_row(gate, selector, e["name"], f"regression.{key}", "<=", limit, None,
+                                 unit, "skip", "not in the baseline report (new artifact)"))
+                continue
+            now, before = _get(e, path), _get(base, path)
+            if now is None or before is None:
+                rows.append(_row(gate, selector, e["name"], f"regression.{key}", "<=", limit, None,
+                                 unit, "fail", f"{'.'.join(path)} missing in "
+                                 f"{'this report' if now is None else 'the baseline'}"))
+                continue
+            delta = (float(now) - float(before)) * worse  # > 0 means worse
+            if relative:
+                delta = 100.0 * delta / abs(float(before)) if float(before) != 0 else 0.0
+            status = "pass" if delta <= float(limit) else "fail"
+            rows.append(_row(gate, selector, e["name"], f"regression.{key}", "<=", limit, delta,
+                             unit, status, f"baseline {before:.6g}, now {now:.6g}"))
+    return rows
+
+
+def failure_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """`<gate>: <artifact> <metric> <value> > <limit>` for each failed row (runner exits 1)."""
+    out = []
+    for r in rows:
+        if r["status"] != "fail":
+            continue
+        what = r["artifact"] or r["selector"]
+        if r["value"] is None:
+            out.append(f"{r['gate']}: {what}: {r['message']}")
+        else:
+            bad = ">" if r["op"] == "<=" else "<"
+            out.append(f"{r['gate']}: {what} {r['metric']} {fmt(r['value'])} {bad} "
+                       f"{fmt(r['limit'])}{(' ' + r['unit']) if r['unit'] else ''}")
+    return out
+
+
+def fmt(value: Any) -> str:
+    """Numbers as people read them in a table: 4 significant digits, scientific when tiny."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value == 0:
+            return "0"
+        if abs(value) < 1e-3 or abs(value) >= 1e6:
+            return f"{value:.3e}"
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,235 @@
+"""report.html: one self-contained file (inline SVG plots, inline CSS, no network) with the figures.
+
+Plots: the accuracy / latency / size trade-off of every artifact (the choice the user makes), the
+per-stage timings, the training curves and the per-class accuracy. SVGs are rendered by matplotlib
+with a fixed hash salt and no date, so re-rendering the same report.json gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from typing import Any
+
+from edgemml.report.markdown import artifact_table, gate_table
+
+_COLORS = {"torch": "#555555", "onnxruntime": "#1f77b4", "openvino": "#d62728"}
+_MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
+
+
+def _svg(fig: Any) -> str:
+    import matplotlib
+
+    buf = io.StringIO()
+    with matplotlib.rc_context({"svg.hashsalt": "edgemml", "svg.fonttype": "none"}):
+        fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
+    text = buf.getvalue()
+    return text[text.index("<svg"):]
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def plot_tradeoff(report: dict[str, Any]) -> str | None:
+    """Top-1 against batch-1 latency and against size; marker area follows size, ★ = recommended."""
+    arts = [a for a in report.get("artifacts", [])
+            if (a.get("accuracy") or {}).get("top1_pct") is not None]
+    if not arts:
+        return None
+    fig = _figure(10, 4.2)
+    ax1, ax2 = fig.subplots(1, 2)
+    sizes = [a.get("size_mb") or 0 for a in arts]
+    smax = max(sizes) or 1
+    for a, size in zip(arts, sizes):
+        top1 = a["accuracy"]["top1_pct"]
+        lat = (a.get("latency") or {}).get("batch1_median_ms")
+        color = _COLORS.get(a["backend"], "#2ca02c")
+        marker = _MARKERS.get(a["precision"], "o")
+        area = 40 + 400 * size / smax
+        face = color if a["mode"] != "exact" else "none"
+        label = a["name"] + (" ★" if a.get("recommended") else "")
+        if lat is not None:
+            ax1.scatter([lat], [top1], s=area, c=face, edgecolors=color, marker=marker, alpha=0.8)
+            ax1.annotate(label, (lat, top1), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax2.scatter([size], [top1], s=80, c=face, edgecolors=color, marker=marker, alpha=0.8)
+        ax2.annotate(label, (size, top1), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax1.set_xlabel("batch-1 median latency (ms)")
+    ax1.set_ylabel("top-1 accuracy (%)")
+    ax1.set_title("accuracy vs latency (marker area ~ size)")
+    ax2.set_xlabel("size (MB)")
+    ax2.set_title("accuracy vs size")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    return _svg(fig)
+
+
+def plot_latency(report: dict[str, Any]) -> str | None:
+    arts = [a for a in report.get("artifacts", []) if (a.get("latency") or {}).get("batch1_median_ms")]
+    if not arts:
+        return None
+    fig = _figure(10, 0.5 + 0.35 * len(arts))
+    ax = fig.subplots()
+    names = [a["name"] for a in arts]
+    med = [a["latency"]["batch1_median_ms"] for a in arts]
+    p90 = [a["latency"]["batch1_p90_ms"] for a in arts]
+    y = list(range(len(arts)))
+    ax.barh(y, p90, color="#bbbbbb", label="p90")
+    ax.barh(y, med, color=[_COLORS.get(a["backend"], "#2ca02c") for a in arts], label="median")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"batch-1 latency (ms), {report.get('environment', {}).get('threads')} thread(s)")
+    ax.legend(fontsize=8)
+    return _svg(fig)
+
+
+def plot_stage_times(report: dict[str, Any]) -> str | None:
+    stages = [s for s in report.get("stages", []) if s.get("wall_time_s") is not None]
+    if not stages:
+        return None
+    fig = _figure(10, 0.5 + 0.35 * len(stages))
+    ax = fig.subplots()
+    y = list(range(len(stages)))
+    ax.barh(y, [s["wall_time_s"] for s in stages], color="#7f7f7f")
+    ax.set_yticks(y, [f"{s['name']} ({s['type']})" for s in stages], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("wall time of the stage's last run (s)")
+    return _svg(fig)
+
+
+def plot_curves(report: dict[str, Any]) -> str | None:
+    curves = {k: v for k, v in (report.get("curves") or {}).items() if v}
+    if not curves:
+        return None
+    fig = _figure(10, 3.6 * len(curves))
+    axes = fig.subplots(len(curves), 2, squeeze=False)
+    for (stage, rows), (ax_loss, ax_acc) in zip(curves.items(), axes):
+        epochs = [r.get("epoch", i + 1) for i, r in enumerate(rows)]
+        for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
+            for split, style in (("train", "-"), ("val", "--")):
+                values = [r.get(f"{split}_{key}") for r in rows]
+                pts = [(e, v) for e, v in zip(epochs, values) if v is not None]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker=".",
+                            label=f"{split} {key}")
+            ax.set_xlabel("epoch")
+            ax.set_title(f"{stage}: {key}")
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    return _svg(fig)
+
+
+def plot_per_class(report: dict[str, Any], max_classes: int = 40) -> str | None:
+    arts = [a for a in report.get("artifacts", []) if (a.get("accuracy") or {}).get("per_class_pct")]
+    if not arts:
+        return None
+    first = arts[0]["accuracy"]["per_class_pct"]
+    classes = sorted(first, key=lambda c: first[c])[:max_classes]  # the worst classes first
+    classes = [c for c in first if c in classes]
+    shown = arts[:8]
+    fig = _figure(10, 4)
+    ax = fig.subplots()
+    width = 0.8 / len(shown)
+    for i, a in enumerate(shown):
+        per = a["accuracy"]["per_class_pct"]
+        xs = [j + i * width for j in range(len(classes))]
+        ax.bar(xs, [per.get(c, 0.0) for c in classes], width=width, label=a["name"])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(classes))], classes, fontsize=8,
+                  rotation=90 if len(classes) > 15 else 0)
+    ax.set_ylabel("accuracy (%)")
+    title = "per-class accuracy"
+    if len(first) > max_classes:
+        title += f" ({max_classes} worst classes of {len(first)})"
+    ax.set_title(title)
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, ncol=4)
+    return _svg(fig)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;
+color:#222;padding:0 1em}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
+td:first-child,th:first-child,td:nth-child(2){text-align:left}
+.pass{color:#1a7f37}.fail{color:#cf222e;font-weight:bold}.skip{color:#777}
+figure.plot{margin:1.5em 0}figure.plot svg{max-width:100%;height:auto}
+.status-passed{color:#1a7f37}.status-failed{color:#cf222e}
+"""
+
+# Counts the plots the browser actually laid out (non-empty boxes) and records script errors, so a
+# headless browser's DOM dump shows whether the page rendered (used by the tests, harmless here).
+_SCRIPT = """
+window.addEventListener('error',function(e){document.body.dataset.errors=
+(document.body.dataset.errors||'')+e.message+';';});
+window.addEventListener('load',function(){var n=0;document.querySelectorAll('figure.plot svg')
+.forEach(function(s){var r=s.getBoundingClientRect();if(r.width>0&&r.height>0&&
+s.querySelectorAll('path,use,text').length>0)n++;});document.body.dataset.plotsRendered=n;});
+"""
+
+
+def _md_table_to_html(lines: list[str]) -> str:
+    """The Markdown tables of report.md as HTML (same content, one implementation of the rows)."""
+    if len(lines) < 2 or not lines[0].startswith("|"):
+        return f"<p>{html.escape(' '.join(lines))}</p>"
+
+    def cells(line: str) -> list[str]:
+        parts = line.strip().strip("|").replace("\\|", "\x00").split("|")
+        return [p.strip().replace("\x00", "|") for p in parts]
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells(lines[0]))
+    body = []
+    for line in lines[2:]:
+        tds = []
+        for c in cells(line):
+            cls = "fail" if "FAIL" in c else "pass" if "pass" in c else "skip" if "skip" in c else ""
+            text = html.escape(c.replace("**", "").replace("`", ""))
+            tds.append(f'<td class="{cls}">{text}</td>' if cls else f"<td>{text}</td>")
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def render_html(report: dict[str, Any]) -> str:
+    status = report.get("status", "?")
+    plots = [("tradeoff", "Accuracy, latency and size", plot_tradeoff(report)),
+             ("latency", "Latency", plot_latency(report)),
+             ("per-class", "Per-class accuracy", plot_per_class(report)),
+             ("curves", "Training curves", plot_curves(report)),
+             ("stages", "Stage timings", plot_stage_times(report))]
+    rec = report.get("recommended") or {}
+    rec_text = ", ".join(f"{html.escape(b)}: <b>{html.escape(n or 'none passes')}</b>"
+                         for b, n in rec.items())
+    data, env = report.get("data", {}), report.get("environment", {})
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>edgemml validation: {html.escape(str(report.get('pipeline', '')))}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>edgemml validation: {html.escape(str(report.get('pipeline', '')))}</h1>",
+        f'<p class="status-{html.escape(status)}"><b>{html.escape(status.upper())}</b>: '
+        f"{sum(r['status'] == 'fail' for r in report.get('gates', []))} of "
+        f"{len(report.get('gates', []))} gate(s) failed; {data.get('n')} "
+        f"{html.escape(str(data.get('split')))} samples of "
+        f"<code>{html.escape(str(data.get('source')))}</code>; {env.get('threads')} thread(s) on "
+        f"{html.escape(str(env.get('processor') or env.get('machine')))}.</p>",
+        f"<p>Recommended (fastest artifact passing every gate): {rec_text or 'n/a'}</p>",
+        "<h2>Gates</h2>", _md_table_to_html(gate_table(report, emoji=False)),
+        "<h2>Artifacts</h2>", _md_table_to_html(artifact_table(report)),
+    ]
+    for pid, title, svg in plots:
+        if svg is None:
+            continue
+        parts.append(f'<h2>{html.escape(title)}</h2><figure class="plot" id="plot-{pid}">{svg}'
+                     f"</figure>")
+    parts.append("<details><summary>report.json</summary><pre>"
+                 + html.escape(json.dumps({k: v for k, v in report.items()
+                                           if k not in ("artifacts", "curves")}, indent=1))
+                 + "</pre></details>")
+    parts.append(f"<script>{_SCRIPT}</script></body></html>")
+    return "\n".join(parts) + "\n"
+
+
+__all__ = ["render_html"]
