@@ -362,19 +362,32 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _model_for_path(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """Follow a pydantic error location through nested models to the model that owns its last key."""
+    """Follow a pydantic error location through nested models (and lists / dicts of them) to the
+    model that owns its last key."""
     model: Any = root
+    keyed = False  # the previous field was a mapping: this part is one of its keys
     for part in loc[:-1]:
-        if isinstance(part, int):
+        if isinstance(part, int) or keyed:
+            keyed = False
             continue
         fields = getattr(model, "model_fields", None)
         if not fields or part not in fields:
             return None
         ann = fields[part].annotation
+        keyed = _is_mapping(ann)
         model = _first_model(ann)
         if model is None:
             return None
     return model if hasattr(model, "model_fields") else None
+
+
+def _is_mapping(ann: Any) -> bool:
+    import typing
+
+    for candidate in (ann, *(getattr(ann, "__args__", ()) or ())):
+        if typing.get_origin(candidate) is dict or candidate is dict:
+            return True
+    return False
 
 
 def _first_model(ann: Any) -> type[BaseModel] | None:

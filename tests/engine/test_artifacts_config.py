@@ -95,3 +95,13 @@ def test_explain_change_names_the_key():
     assert explain_change(old, new) == "config changed: target_macs 0.5 -> 0.4"
     new2 = {"config": old["config"], "inputs": {"a": {"model": "2"}}}
     assert explain_change(old, new2) == "input changed: a re-ran with different output"
+
+
+def test_did_you_mean_inside_keyed_mappings(tmp_path: Path):
+    p = tmp_path / "p.yaml"
+    p.write_text("name: g\ndata: {source: builtin:digits}\nstages:\n  - type: validate\n"
+                 "    gates:\n      all: {max_sise_mb: 5}\n")
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(p)
+    assert "p.yaml:6: stages[0].validate.gates.all.max_sise_mb: unknown key" in str(info.value)
+    assert "did you mean 'max_size_mb'?" in str(info.value)
