@@ -307,6 +307,59 @@ class Runner:
     # ---- the run ----------------------------------------------------------------------------
 
     def run(self) -> list[StageOutcome]:
+        if self.world_size > 1:
+            return self._run_distributed()
+        return self._run_main()
+
+    # ---- several processes (torchrun) ------------------------------------------------------------
+    # Rank 0 alone locks and writes the run directory and decides what runs; it tells the other
+    # ranks about each stage that trains on every process (Stage class attribute `distributed`),
+    # and they run just those stages, in a private temporary folder, then wait for the next one.
+
+    def _run_distributed(self) -> list[StageOutcome]:
+        from edgemml.distributed import init_distributed, shutdown_distributed
+
+        init_distributed()
+        try:
+            if self.rank == 0:
+                outcomes = self._run_main()
+                self._announce({"op": "end"})
+                return outcomes
+            self._follow()
+            return []
+        finally:
+            shutdown_distributed()
+
+    def _announce(self, message: dict[str, Any]) -> None:
+        if self.world_size > 1:
+            from edgemml.distributed import broadcast_object
+            broadcast_object(message)
+
+    def _follow(self) -> None:
+        import tempfile
+
+        from edgemml.distributed import broadcast_object
+
+        try:
+            while True:
+                message = broadcast_object(None)
+                if message["op"] == "end":
+                    return
+                item = self.plan[message["index"]]
+                with tempfile.TemporaryDirectory(prefix=f"edgemml-rank{self.rank}-") as tmp:
+                    ctx = StageContext(name=item.name, index=item.index, config=item.config,
+                                       pipeline=self.pipeline, work_dir=Path(tmp),
+                                       inputs=message["inputs"], input_name=item.input_name,
+                                       reporter=self.reporter, rank=self.rank,
+                                       world_size=self.world_size)
+                    item.stage_cls().run(ctx, item.config)
+        except RuntimeError as exc:  # a collective failed: another process went away
+            first = (str(exc).splitlines() or [""])[0]
+            raise InternalError(f"rank {self.rank} lost the other processes ({first[:200]})",
+                                hint="usually rank 0 stopped first; its message above says why") \
+                from exc
+
+    def _run_main(self) -> list[StageOutcome]:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(self.run_dir).acquire()
         started = time.time()
@@ -391,6 +444,9 @@ class Runner:
                 manifest["stages"].append(self._manifest_entry(item, record.get("fingerprint"),
                                                                "done"))
                 continue
+            if getattr(item.stage_cls, "distributed", False):
+                self._announce({"op": "run", "index": item.index,
+                                "inputs": {d: results[d] for d in item.deps}})
             record = self._execute(item, fp, fp_inputs, reason, results, manifest)
             results[item.name] = self.outputs_from_record(item, record)
             hashes[item.name] = {k: v["sha256"] for k, v in record["outputs"].items()}
