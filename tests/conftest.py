@@ -19,6 +19,9 @@ def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.pop("EDGEMML_DEBUG", None)
     env["COLUMNS"] = "200"
+    # One thread per process: the suite runs many small torch processes on 2 cores, where
+    # thread oversubscription makes them several times slower (latency figures set their own).
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra or {})
     return env
 

@@ -133,7 +133,7 @@ class Finetune(Stage[FinetuneConfig]):
     Config = FinetuneConfig
     version = 1
     requires = ("torch", "torchvision")
-    provides = ("model", "history", "curves", "report")
+    provides = ("model", "history", "curves", "report", "samples")
     #: every torchrun process runs this stage (DDP); the runner runs other stages on rank 0 alone
     distributed: ClassVar[bool] = True
 
@@ -286,6 +286,7 @@ class Finetune(Stage[FinetuneConfig]):
         return student, spec, teacher, teacher_spec, {}
 
     def run(self, ctx: StageContext, config: FinetuneConfig) -> dict[str, Path]:
+        from edgemml.data import save_sample_grid
         from edgemml.training import (
             ChannelAdapter,
             TrainingInterrupted,
@@ -370,6 +371,8 @@ class Finetune(Stage[FinetuneConfig]):
             "wall_time_s": round(time.perf_counter() - t0, 3),
         }
         report_path = common.write_json(ctx, "finetune.json", report)
+        # What the model was trained on, visibly: a grid of training images per class.
+        samples = save_sample_grid(splits.train, path=ctx.path("samples.png"), per_class=8)
         if ckpt_dir is not None:
             shutil.rmtree(ckpt_dir)  # the epoch checkpoint is for resuming, not an output
         shown = {k: v for k, v in (("val", val["accuracy"]), ("test", test["accuracy"]))
@@ -380,7 +383,8 @@ class Finetune(Stage[FinetuneConfig]):
                    processes=result.world_size,
                    highlights=[f"best epoch {result.best_epoch} of {len(result.history)}: "
                                + ", ".join(f"{k} accuracy {v:.2%}" for k, v in shown.items())])
-        return {"model": model_dir, "history": history, "curves": curves, "report": report_path}
+        return {"model": model_dir, "history": history, "curves": curves, "report": report_path,
+                "samples": samples}
 
     def _save_interrupted(self, ctx: StageContext, result: TrainResult, spec: ModelSpec,
                           preprocess: PreprocessConfig) -> None:

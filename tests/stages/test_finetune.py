@@ -282,7 +282,7 @@ def test_finetune_stage_end_to_end(tmp_path, digits):
     pre, stu = run / "01-pretrain", run / "02-student"
     for d in (pre, stu):
         assert sorted(p.name for p in d.iterdir()) == [
-            "curves.png", "finetune.json", "history.json", "model", "stage.json"]
+            "curves.png", "finetune.json", "history.json", "model", "samples.png", "stage.json"]
     hist = json.loads((pre / "history.json").read_text())
     rows = hist["epochs"]
     val_acc = [r["val_accuracy"] for r in rows]
@@ -297,7 +297,7 @@ def test_finetune_stage_end_to_end(tmp_path, digits):
     assert report["val"]["accuracy"] == pytest.approx(val_acc[hist["best_epoch"] - 1], abs=1e-9)
     assert report["test"]["accuracy"] > 0.85, report["test"]  # 10 classes: chance is 0.1
     assert record["metrics"]["test_accuracy"] == report["test"]["accuracy"]
-    assert set(record["outputs"]) == {"model", "history", "curves", "report"}
+    assert set(record["outputs"]) == {"model", "history", "curves", "report", "samples"}
 
     # The saved model is the best epoch's: measuring it again gives the reported numbers.
     model, spec = load_model(pre / "model")
@@ -308,6 +308,8 @@ def test_finetune_stage_end_to_end(tmp_path, digits):
     assert evaluate(model, digits.test)["accuracy"] == pytest.approx(report["test"]["accuracy"])
     with Image.open(pre / "curves.png") as img:
         assert img.format == "PNG" and img.size == (900, 360)
+    with Image.open(pre / "samples.png") as img:  # a grid of 10 classes x 8 training images
+        assert img.format == "PNG" and img.width > 8 * 16 and img.height > 10 * 16
 
     s_report = json.loads((stu / "finetune.json").read_text())
     s_record = json.loads((stu / "stage.json").read_text())
