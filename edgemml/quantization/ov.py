@@ -1,0 +1,113 @@
+"""OpenVINO int8 with NNCF: `nncf.quantize`, or `nncf.quantize_with_accuracy_control` under a budget.
+
+Which layers ended up in float is read from the quantized IR itself (a weighted layer whose data
+input does not come from a FakeQuantize runs in float), not from NNCF's log, so the report describes
+the artifact that ships.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from edgemml.errors import StageError
+
+WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData",
+                "GroupConvolutionBackpropData")
+
+#: ops that keep int8 values int8 (NNCF puts its FakeQuantize before them, not after)
+_PASS_THROUGH = ("MaxPool", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split",
+                 "VariadicSplit", "StridedSlice", "Slice", "Pad", "DepthToSpace", "SpaceToDepth")
+
+
+@dataclass(frozen=True)
+class OvSettings:
+    preset: Literal["performance", "mixed"]
+    fast_bias_correction: bool
+    model_type: Literal["transformer"] | None
+    subset_size: int
+
+
+def _quiet_nncf() -> None:
+    logging.getLogger("nncf").setLevel(logging.ERROR)
+
+
+def _common_kwargs(settings: OvSettings) -> dict[str, Any]:
+    import nncf
+
+    return {
+        "preset": {"performance": nncf.QuantizationPreset.PERFORMANCE,
+                   "mixed": nncf.QuantizationPreset.MIXED}[settings.preset],
+        "target_device": nncf.TargetDevice.CPU,
+        "subset_size": settings.subset_size,
+        "fast_bias_correction": settings.fast_bias_correction,
+        "model_type": nncf.ModelType.TRANSFORMER if settings.model_type == "transformer" else None,
+    }
+
+
+def quantize_ov(model: Any, calibration: np.ndarray, settings: OvSettings) -> Any:
+    """nncf.quantize on an openvino.Model with one-sample calibration items."""
+    import nncf
+
+    _quiet_nncf()
+    dataset = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return nncf.quantize(model, dataset, **_common_kwargs(settings))
+        except (RuntimeError, ValueError, nncf.errors.ValidationError) as exc:
+            raise StageError(f"nncf.quantize failed: {exc}") from exc
+
+
+def quantize_ov_with_budget(model: Any, calibration: np.ndarray, val_x: np.ndarray,
+                            val_y: np.ndarray, settings: OvSettings, *, max_drop_pp: float,
+                            max_float_layers: int | None,
+                            accuracy: Callable[[Any, np.ndarray, np.ndarray], float]) -> Any:
+    """nncf.quantize_with_accuracy_control with an absolute top-1 drop budget (percentage points).
+
+    `accuracy(compiled_model, x, y)` is the same metric the stage reports, so NNCF optimises what
+    the report measures.
+    """
+    import nncf
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    _quiet_nncf()
+    calib = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
+    items = [(val_x[i:i + 1], int(val_y[i])) for i in range(len(val_x))]
+    val = nncf.Dataset(items, lambda item: item[0])
+
+    def validate(compiled: Any, data: Any) -> float:
+        pairs = list(data)
+        x = np.concatenate([p[0] for p in pairs])
+        y = np.asarray([p[1] for p in pairs])
+        return accuracy(compiled, x, y)
+
+    restorer = AdvancedAccuracyRestorerParameters(
+        max_num_iterations=max_float_layers if max_float_layers is not None else 2**31 - 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return nncf.quantize_with_accuracy_control(
+                model, calib, val, validate, max_drop=max_drop_pp / 100.0,
+                drop_type=nncf.DropType.ABSOLUTE,
+                advanced_accuracy_restorer_parameters=restorer, **_common_kwargs(settings))
+        except (RuntimeError, ValueError, nncf.errors.ValidationError) as exc:
+            raise StageError(f"nncf.quantize_with_accuracy_control failed: {exc}") from exc
+
+
+def float_layers(model: Any) -> tuple[list[str], list[str]]:
+    """(weighted layers running in int8, weighted layers left in float) of an OpenVINO model."""
+    quantized, floating = [], []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in WEIGHTED_OPS:
+            continue
+        src = op.input_value(0).get_node()
+        while src.get_type_name() in _PASS_THROUGH:
+            src = src.input_value(0).get_node()
+        (quantized if src.get_type_name() == "FakeQuantize" else floating).append(
+            op.get_friendly_name())
+    return quantized, floating

@@ -1,0 +1,183 @@
+"""export through the real CLI: ONNX and OpenVINO IR parity with torch for resnet18, mobilenet_v3_small
+and a pruned resnet18; the bundle's predict.py in an environment without torch or edgemml."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TESTS_DIR, cli_env, run_cli, write
+from quantize_export_helpers import digits, make_model
+
+HERE = Path(__file__).resolve().parent
+
+
+def _env() -> dict[str, str]:
+    return cli_env({"PYTHONPATH": f"{HERE}:{TESTS_DIR}"})
+
+
+def _explain(proc) -> str:
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+HEAD = """
+name: x
+plugins: [quantize_export_helpers]
+preprocess: {size: [32, 32], channels: gray}
+data: {source: "builtin:digits"}
+stages:
+"""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {"resnet18": make_model("torchvision/resnet18", root / "resnet18"),
+            "mobilenet": make_model("torchvision/mobilenet_v3_small", root / "mobilenet"),
+            "pruned": make_model("torchvision/resnet18", root / "pruned", prune=0.5)}
+
+
+def test_onnx_and_ir_match_torch_for_three_models(tmp_path, models):
+    from edgemml.exporters.runtime import (compare_outputs, dataset_arrays, onnx_session,
+                                           openvino_compiled, run_onnx, run_openvino)
+    from edgemml.exporters.stage_io import torch_logits
+    from edgemml.models import load_model
+
+    stages = ""
+    variants = {"resnet18": "dynamo", "mobilenet": "torchscript", "pruned": "torchscript"}
+    for name, exporter in variants.items():
+        source = "onnx" if name != "mobilenet" else "torch"
+        stages += f"""
+  - {{type: saved_model, name: {name}, path: "{models[name]}"}}
+  - type: export
+    name: export-{name}
+    input: {name}
+    quantized: none
+    onnx: {{exporter: {exporter}}}
+    openvino: {{source: {source}}}
+    bundle: {{samples: 0, archive: false}}
+"""
+    write(tmp_path / "pipeline.yaml", HEAD + stages)
+    proc = run_cli("run", "pipeline.yaml", cwd=tmp_path, env=_env())
+    assert proc.returncode == 0, _explain(proc)
+    assert "max abs diff vs torch" in proc.stderr and "runs in f32" in proc.stderr
+
+    x, _ = dataset_arrays(digits().val, range(0, 270, 5))
+    for i, (name, exporter) in enumerate(variants.items()):
+        stage = tmp_path / f"runs/x/{2 * i + 2:02d}-export-{name}"
+        report = json.loads((stage / "export.json").read_text())["artifacts"]
+        assert report["onnx-fp32"]["export"]["exporter"] == exporter
+        assert report["onnx-fp32"]["export"]["opset"] == 18
+        assert [p.name for p in stage.glob("*.data")] == []  # one self-contained file
+        assert report["onnx-fp32"]["inputs"][0] == {"name": "input", "shape": ["batch", 1, 32, 32],
+                                                    "dtype": "float32"}
+        assert report["openvino-fp32"]["inference_precision"] == "f32"
+        model, _ = load_model(stage.parent / f"{2 * i + 1:02d}-{name}/model")
+        ref = torch_logits(model, x)
+        assert ref.std() > 1e-3  # BN statistics were estimated: outputs are not constant
+        onnx_out = run_onnx(onnx_session(stage / "model.fp32.onnx"), x)
+        compiled, precision = openvino_compiled(stage / "openvino-fp32/model.xml", precision="f32")
+        ir_out = run_openvino(compiled, x)
+        for out in (onnx_out, ir_out):
+            res = compare_outputs(ref, out, tolerance=1e-4)
+            assert res.ok and res.top1_agreement == 1.0, (name, res)
+        assert precision == "f32"
+        # dynamic batch: batch 3 works and equals three batch-1 runs
+        sess = onnx_session(stage / "model.fp32.onnx")
+        single = np.concatenate([sess.run(None, {"input": x[j:j + 1]})[0] for j in range(3)])
+        np.testing.assert_allclose(sess.run(None, {"input": x[:3]})[0], single, atol=1e-5)
+
+
+def test_bundle_predict_runs_without_torch_and_matches_the_pipeline(tmp_path, models):
+    import hashlib
+
+    from edgemml.exporters.runtime import dataset_arrays, evenly_spaced, onnx_session, run_onnx
+
+    write(tmp_path / "pipeline.yaml", HEAD + f"""
+  - {{type: saved_model, path: "{models['pruned']}"}}
+  - type: quantize
+    calibration: {{samples: 32}}
+    onnx: {{exporter: torchscript}}
+  - type: export
+    onnx: {{exporter: torchscript}}
+    bundle: {{samples: 6}}
+""")
+    proc = run_cli("run", "pipeline.yaml", cwd=tmp_path, env=_env())
+    assert proc.returncode == 0, _explain(proc)
+    stage = tmp_path / "runs/x/03-export"
+    bundle = stage / "bundle"
+    shown = " ".join(proc.stdout.split())
+    assert f"bundle: {bundle}" in shown and "predict.py --self-check" in shown
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {m["key"] for m in manifest["models"]} == {"onnx-fp32", "onnx-int8", "openvino-fp32",
+                                                      "openvino-int8"}
+    assert manifest["default_model"] == "model.int8.onnx"
+    for rel, info in manifest["files"].items():
+        assert hashlib.sha256((bundle / rel).read_bytes()).hexdigest() == info["sha256"], rel
+    assert (bundle / "preprocess.py").read_bytes() == (
+        Path(__file__).resolve().parents[2] / "edgemml/data/preprocess.py").read_bytes()
+    with tarfile.open(stage / "bundle.tar.gz") as tar:
+        members = {m.name for m in tar.getmembers() if m.isfile()}
+    assert members == {f"bundle/{rel}" for rel in manifest["files"]} | {"bundle/manifest.json"}
+
+    # an environment where torch and edgemml cannot be imported
+    stubs = tmp_path / "stubs"
+    for pkg in ("torch", "edgemml"):
+        write(stubs / pkg / "__init__.py", f"raise ImportError('{pkg} is hidden in this test')\n")
+    env = {"PYTHONPATH": str(stubs), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    probe = subprocess.run([sys.executable, "-s", "-c", "import torch"], env=env,
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert probe.returncode != 0 and "hidden" in probe.stderr
+
+    check = subprocess.run([sys.executable, "-s", str(bundle / "predict.py"), "--self-check"],
+                           env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.count("6/6 samples as in the pipeline") == 4
+
+    # the pipeline's own view of the same held-out images: its dataset items, its runtime
+    test = digits().test
+    idx = evenly_spaced(len(test), 6)
+    x, y = dataset_arrays(test, idx.tolist())
+    pipeline_labels = run_onnx(onnx_session(stage / "model.fp32.onnx"), x).argmax(1)
+    pred = subprocess.run([sys.executable, "-s", str(bundle / "predict.py"), str(bundle / "samples"),
+                           "--model", "model.fp32.onnx", "--json", "--top", "3"],
+                          env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert pred.returncode == 0, pred.stderr
+    results = json.loads(pred.stdout)["results"]
+    assert [r["label"] for r in results] == [manifest["classes"][k] for k in pipeline_labels]
+    assert [Path(r["file"]).name.split("_")[1][:-4] for r in results] == \
+        [manifest["classes"][k] for k in y]
+    assert all(len(r["top"]) == 3 and r["top"][0]["score"] >= r["top"][1]["score"] for r in results)
+
+    # a corrupted model file is refused, not silently used
+    (bundle / "model.int8.onnx").write_bytes(b"garbage")
+    bad = subprocess.run([sys.executable, "-s", str(bundle / "predict.py"), str(bundle / "samples")],
+                         env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode != 0 and "sha256" in bad.stderr
+
+
+def test_opset_is_checked_and_fallback_reported(tmp_path):
+    import torch
+    from torch import nn
+
+    from edgemml.errors import StageError
+    from edgemml.exporters.onnx import export_onnx, written_opset
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    # measured with torch 2.14: dynamo writes opset 18 when asked for 17; auto falls back and says so
+    res = export_onnx(model, x, tmp_path / "a.onnx", opset=17, exporter="auto")
+    assert written_opset(tmp_path / "a.onnx") == 17 == res.opset
+    assert res.exporter == "torchscript" and "wrote opset 18" in res.fallback_reason
+    with pytest.raises(StageError, match="wrote opset 18 when asked for opset 17"):
+        export_onnx(model, x, tmp_path / "b.onnx", opset=17, exporter="dynamo")
+    assert not (tmp_path / "b.onnx").exists()
+    res = export_onnx(model, x, tmp_path / "c.onnx", opset=18, exporter="auto")
+    assert (res.exporter, res.opset, res.fallback_reason) == ("dynamo", 18, None)

@@ -1,0 +1,174 @@
+"""quantize through the real CLI: int8 for ONNX Runtime and OpenVINO, and the accuracy-budget search.
+
+Models are small but not toys: resnet18 / a structurally pruned resnet18 with BatchNorm estimated on
+the digits and a least-squares head (see quantize_export_helpers), so accuracy and agreement figures
+are measured on real held-out data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import TESTS_DIR, cli_env, run_cli, write
+from quantize_export_helpers import digits, make_model
+
+HERE = Path(__file__).resolve().parent
+
+
+def _env() -> dict[str, str]:
+    return cli_env({"PYTHONPATH": f"{HERE}:{TESTS_DIR}"})
+
+
+def _pipeline(root: Path, model: Path, quantize: str) -> None:
+    write(root / "pipeline.yaml", f"""
+        name: q
+        plugins: [quantize_export_helpers]
+        preprocess: {{size: [32, 32], channels: gray}}
+        data: {{source: "builtin:digits"}}
+        stages:
+          - type: saved_model
+            path: {model}
+          - type: quantize
+            calibration: {{samples: 64}}
+            onnx: {{exporter: torchscript}}
+        {quantize}
+        """)
+
+
+def _explain(proc) -> str:
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {"pruned": make_model("torchvision/resnet18", root / "pruned", prune=0.5,
+                                 train_steps=30),
+            "outlier": make_model("torchvision/resnet18", root / "outlier", prune=0.6,
+                                  outlier=True)}
+
+
+def test_int8_for_both_runtimes_is_smaller_and_agrees_with_fp32(tmp_path, models):
+    from edgemml.exporters.runtime import dataset_arrays, onnx_session, openvino_compiled
+    from edgemml.exporters.runtime import run_onnx, run_openvino
+    from edgemml.exporters.stage_io import torch_logits
+    from edgemml.models import load_model
+    from edgemml.quantization.cpu import RECIPES, detect_target
+
+    _pipeline(tmp_path, models["pruned"], "")
+    proc = run_cli("run", "pipeline.yaml", cwd=tmp_path, env=_env())
+    assert proc.returncode == 0, _explain(proc)
+    stage = tmp_path / "runs/q/02-quantize"
+    report = json.loads((stage / "quantize.json").read_text())
+    ort, ov = report["onnxruntime"], report["openvino"]
+
+    # the recipe is the one for this CPU, and says why
+    target = detect_target()[0]
+    assert ort["recipe"]["target"] == target
+    assert ort["recipe"]["activation_type"] == RECIPES[target].activation_type
+    assert ort["recipe"]["reduce_range"] == RECIPES[target].reduce_range
+    assert target in ort["recipe"]["why"]
+
+    # about 4x smaller weights: int8 tensors replace float32 ones
+    w32 = ort["size"]["weights_fp32_bytes"]["float32"]
+    w8 = ort["size"]["weights_int8_bytes"]
+    assert w8["int8"] > 0.9 * w32 / 4 and w32 / w8["int8"] == pytest.approx(4.0, rel=0.02)
+    assert ort["size"]["ratio"] > 3.5 and ov["size"]["ratio"] > 3.5
+    assert (stage / "model.int8.onnx").stat().st_size == ort["size"]["int8_bytes"]
+
+    # figures re-measured here, independently of the stage
+    data = digits()
+    x, y = dataset_arrays(data.val)
+    model, _ = load_model(stage.parent / "01-saved_model/model")
+    ref = torch_logits(model, x)
+    assert report["fp32"]["accuracy"] == pytest.approx(float((ref.argmax(1) == y).mean()))
+    assert report["fp32"]["accuracy"] > 0.8  # a model that classifies, so agreement means something
+    q_ort = run_onnx(onnx_session(stage / "model.int8.onnx"), x)
+    compiled, precision = openvino_compiled(stage / "openvino-int8/model.xml", precision="f32")
+    q_ov = run_openvino(compiled, x)
+    assert precision == ov["inference_precision"] == "f32"
+    for res, q in ((ort, q_ort), (ov, q_ov)):
+        assert res["accuracy"] == pytest.approx(float((q.argmax(1) == y).mean()))
+        agree = float((q.argmax(1) == ref.argmax(1)).mean())
+        assert res["top1_agreement_with_fp32"] == pytest.approx(agree)
+        assert agree >= 0.9, f"int8 top-1 agrees with fp32 on only {agree:.0%} of val samples"
+        assert not np.allclose(q, ref, atol=1e-5)  # it really is a different (quantized) model
+    assert ov["quantized_layers"] >= 20 and ov["float_layers"] == []
+    record = json.loads((stage / "stage.json").read_text())
+    assert set(record["outputs"]) == {"onnx-int8", "openvino-int8", "report"}
+    assert record["metrics"]["onnx_int8_accuracy"] == ort["accuracy"]
+
+
+def test_budget_search_keeps_the_fewest_sensitive_layers_in_float(tmp_path, models):
+    import onnx
+
+    _pipeline(tmp_path, models["outlier"], """
+            backends: [onnxruntime]
+            max_accuracy_drop: 2.0
+            sensitivity_samples: 32
+    """)
+    proc = run_cli("run", "pipeline.yaml", cwd=tmp_path, env=_env())
+    assert proc.returncode == 0, _explain(proc)
+    report = json.loads((tmp_path / "runs/q/02-quantize/quantize.json").read_text())
+    ort = report["onnxruntime"]
+    search = ort["search"]
+    assert ort["plain_int8"]["accuracy_drop_pp"] > 2.0  # plain int8 misses the budget ...
+    assert search["met"] and ort["accuracy_drop_pp"] <= 2.0  # ... the search meets it
+    kept = ort["float_layers"]
+    assert 1 <= len(kept) == len(search["trials"]) < ort["quantized_layers"] // 2
+    # fewest: every shorter prefix of the ranking was tried and missed the budget
+    assert all(t["accuracy_drop_pp"] > 2.0 for t in search["trials"][:-1])
+    ranked = list(search["sensitivity"])
+    assert kept == ranked[:len(kept)]
+    g = onnx.load(str(tmp_path / "runs/q/02-quantize/model.int8.onnx")).graph
+    dq = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    by_name = {n.name: n for n in g.node}
+    # the layers that see the planted activation outlier (last residual Add, pooling, head) are
+    # ranked most sensitive, not some early convolution
+    assert {by_name[n].op_type for n in ranked[:3]} <= {"Add", "GlobalAveragePool", "Flatten",
+                                                         "Gemm", "MatMul", "Conv"}
+    assert {by_name[n].op_type for n in ranked[:3]} & {"Add", "GlobalAveragePool", "Gemm"}
+    # and in the shipped file the kept weighted layers really have float weights (in QDQ form an
+    # int8 weight reaches its layer through a DequantizeLinear)
+    inits = {i.name: i for i in g.initializer}
+    weighted = [n for n in kept if by_name[n].op_type in ("Conv", "Gemm", "MatMul")]
+    assert weighted
+    for name in weighted:
+        w = by_name[name].input[1]
+        assert w not in dq and inits[w].data_type == onnx.TensorProto.FLOAT, name
+    quantized_weighted = [n for n in g.node if n.op_type in ("Conv", "Gemm") and n.name not in kept]
+    assert quantized_weighted and all(n.input[1] in dq for n in quantized_weighted)
+    assert sum(1 for n in g.node if n.op_type == "QuantizeLinear") > 10
+
+
+def test_impossible_budget_fails_cleanly_with_figures(tmp_path, models):
+    _pipeline(tmp_path, models["outlier"], """
+            backends: [onnxruntime]
+            max_accuracy_drop: 2.0
+            max_float_layers: 1
+            sensitivity_samples: 32
+    """)
+    proc = run_cli("run", "pipeline.yaml", cwd=tmp_path, env=_env())
+    assert proc.returncode == 2, _explain(proc)
+    assert "Traceback" not in proc.stderr
+    assert "misses the accuracy budget" in proc.stderr
+    assert "max_float_layers=1" in proc.stderr and "1 layer(s) kept in float" in proc.stderr
+    assert not (tmp_path / "runs/q/02-quantize").exists()
+    partial = json.loads((tmp_path / "runs/q/.02-quantize.partial/quantize.json").read_text())
+    trial = partial["onnxruntime"]["search"]["trials"]
+    assert len(trial) == 1 and trial[0]["accuracy_drop_pp"] > 2.0
+    assert f"{trial[0]['accuracy_drop_pp']:.2f} pp" in proc.stderr
+
+
+def test_config_errors_name_the_key(tmp_path, models):
+    _pipeline(tmp_path, models["pruned"], """
+            backends: [onnxruntime, onnxruntime]
+            calibration: {method: kl}
+    """)
+    proc = run_cli("check", "pipeline.yaml", cwd=tmp_path, env=_env())
+    assert proc.returncode == 2
+    assert "backends" in proc.stderr and "calibration.method" in proc.stderr
