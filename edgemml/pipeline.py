@@ -9,7 +9,6 @@ only when the stage succeeded, so a killed run resumes at the first unfinished s
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import re
 import shutil
@@ -117,14 +116,28 @@ def plan_stages(pipeline: LoadedPipeline) -> list[PlannedStage]:
 _code_hashes: dict[type, str] = {}
 
 
-def code_hash(cls: type) -> str:
-    """sha256 of the stage's module source: edits during development invalidate its cache."""
+def _module_files(name: str) -> list[Path]:
+    """Source files of a module, or of every module of a package, found without importing it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        return []
+    if spec.submodule_search_locations:
+        return sorted(p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.py"))
+    return [Path(spec.origin)]
+
+
+def code_hash(cls: type[Stage]) -> str:
+    """sha256 of the source of the stage's module and of the edgemml modules it declares in
+    `Stage.code`: editing the code that makes an artifact invalidates that artifact's cache."""
     if cls not in _code_hashes:
-        try:
-            src = inspect.getsourcefile(cls)
-            _code_hashes[cls] = sha256_file(Path(src)) if src else "unknown"
-        except (TypeError, OSError):
-            _code_hashes[cls] = "unknown"
+        digests = {}
+        for name in (cls.__module__, *getattr(cls, "code", ())):
+            for path in _module_files(name):
+                digests[f"{name}:{path.name}" if path.name != "__init__.py" else name] = \
+                    sha256_file(path)
+        _code_hashes[cls] = hashlib.sha256(canonical_json(digests).encode()).hexdigest()
     return _code_hashes[cls]
 
 

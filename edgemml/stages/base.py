@@ -131,6 +131,8 @@ class Stage(ABC, Generic[C]):
     requires: ClassVar[tuple[str, ...]] = ()
     #: output keys this stage provides; a stage providing "model" is a default input for later ones
     provides: ClassVar[tuple[str, ...]] = ("model",)
+    #: edgemml modules (or packages) whose source enters the fingerprint besides the stage's own
+    code: ClassVar[tuple[str, ...]] = ("edgemml.models", "edgemml.data", "edgemml.stages.common")
     #: the stage reads every earlier stage (ctx.inputs has them all), e.g. validate
     reads_all_earlier: ClassVar[bool] = False
 

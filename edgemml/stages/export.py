@@ -84,6 +84,7 @@ class ExportStage(Stage[ExportConfig]):
     provides = ("onnx-fp32", "onnx-fp16", "openvino-fp32", "openvino-fp16", "bundle",
                 "bundle_archive", "report")
     requires = ("torch", "onnx", "onnxruntime", "openvino", "onnxscript", "onnxslim", "onnxsim")
+    code = ("edgemml.models", "edgemml.data", "edgemml.stages.common", "edgemml.exporters")
     #: `quantized: auto` picks the nearest earlier quantize stage, which only the run knows
     reads_all_earlier = True
 

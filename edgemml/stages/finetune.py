@@ -133,6 +133,8 @@ class Finetune(Stage[FinetuneConfig]):
     Config = FinetuneConfig
     version = 1
     requires = ("torch", "torchvision")
+    code = ("edgemml.models", "edgemml.data", "edgemml.stages.common", "edgemml.training",
+            "edgemml.training_config", "edgemml.distributed")
     provides = ("model", "history", "curves", "report", "samples")
     #: every torchrun process runs this stage (DDP); the runner runs other stages on rank 0 alone
     distributed: ClassVar[bool] = True

@@ -108,6 +108,8 @@ class PruneStage(Stage[PruneConfig]):
     type = "prune"
     Config = PruneConfig
     requires = ("torch", "torchvision", "torch-pruning")
+    code = ("edgemml.models", "edgemml.data", "edgemml.stages.common", "edgemml.training",
+            "edgemml.training_config", "edgemml.pruning")
     provides = ("model", "report")
 
     @classmethod

@@ -96,6 +96,8 @@ class QuantizeStage(Stage[QuantizeConfig]):
     Config = QuantizeConfig
     provides = ("onnx-int8", "openvino-int8", "report")
     requires = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "onnxscript")
+    code = ("edgemml.models", "edgemml.data", "edgemml.stages.common", "edgemml.exporters",
+            "edgemml.quantization", "edgemml.training")
 
     @classmethod
     def data_files(cls, config: QuantizeConfig, pipeline: LoadedPipeline) -> list[Path]:

@@ -104,6 +104,8 @@ class ValidateStage(Stage[ValidateConfig]):
     Config = ValidateConfig
     version = 1
     requires = ("torch", "onnx", "onnxruntime", "openvino", "torch-pruning", "numpy")
+    code = ("edgemml.models", "edgemml.data", "edgemml.stages.common", "edgemml.evaluation",
+            "edgemml.report", "edgemml.exporters", "edgemml.training")
     provides = ("report", "report-md", "junit", "report-html", "bundle-manifest")
     reads_all_earlier = True
 
