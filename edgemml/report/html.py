@@ -57,7 +57,8 @@ def plot_tradeoff(report: dict[str, Any]) -> str | None:
             ax1.annotate(label, (lat, top1), fontsize=7, xytext=(4, 4), textcoords="offset points")
         ax2.scatter([size], [top1], s=80, c=face, edgecolors=color, marker=marker, alpha=0.8)
         ax2.annotate(label, (size, top1), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax1.set_xlabel("batch-1 median latency (ms)")
+    ax1.set_xscale("log")  # runtimes differ by orders of magnitude (torch eager vs int8)
+    ax1.set_xlabel("batch-1 median latency (ms, log scale)")
     ax1.set_ylabel("top-1 accuracy (%)")
     ax1.set_title("accuracy vs latency (marker area ~ size)")
     ax2.set_xlabel("size (MB)")
@@ -81,7 +82,9 @@ def plot_latency(report: dict[str, Any]) -> str | None:
     ax.barh(y, med, color=[_COLORS.get(a["backend"], "#2ca02c") for a in arts], label="median")
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"batch-1 latency (ms), {report.get('environment', {}).get('threads')} thread(s)")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"batch-1 latency (ms, log scale), "
+                  f"{report.get('environment', {}).get('threads')} thread(s)")
     ax.legend(fontsize=8)
     return _svg(fig)
 
