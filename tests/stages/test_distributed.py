@@ -73,7 +73,7 @@ def test_two_processes_match_one_and_write_once(tmp_path):
         ".lock", "01-toy_source", "02-finetune", "03-toy_scale", "manifest.json", "run.json",
         "run.md"]
     assert sorted(p.name for p in (run / "02-finetune").iterdir()) == [
-        "curves.png", "finetune.json", "history.json", "model", "stage.json"]
+        "curves.png", "finetune.json", "history.json", "model", "samples.png", "stage.json"]
     # rank 1 works in a private temporary folder (edgemml-rank1-*), removed when its stage ends
     assert not [p for p in scratch.iterdir() if p.name.startswith("edgemml-")], "rank 1 left files"
     assert [s["status"] for s in json.loads((run / "run.json").read_text())["stages"]] == ["ran"] * 3
