@@ -223,6 +223,43 @@ def measure_latency(predictor: Predictor, batch: np.ndarray, *, warmup: int, run
     return result
 
 
+def roofline_peaks(path: Path) -> dict[str, float]:
+    """{"int8": GMAC/s, "fp32": GMAC/s} measured by benchmarks/roofline.py on this machine."""
+    import json
+
+    try:
+        doc = json.loads(Path(path).read_text())
+        peaks = {k: float(v) for k, v in doc["peak_gmacs_per_s"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"cannot read the roofline file {path}: {exc}", file=path,
+                         key="roofline", hint="write it with: python benchmarks/roofline.py") from None
+    return peaks
+
+
+def achieved_compute(macs: int | None, latency: dict[str, Any], dtype: str,
+                     peaks: dict[str, float] | None) -> dict[str, Any]:
+    """The MAC rate an artifact achieved (GMAC/s at batch 1 and at the throughput batch), and as a
+    fraction of the machine's measured peak for its dtype when a roofline file is given. Small
+    models at batch 1 sit far below the peak: per-call overhead, not arithmetic, dominates."""
+    out: dict[str, Any] = {"gmacs_per_s_batch1": None, "gmacs_per_s_batch": None,
+                           "peak_dtype": dtype, "peak_gmacs_per_s": None,
+                           "fraction_of_peak_batch1": None, "fraction_of_peak_batch": None}
+    if not macs:
+        return out
+    b1 = latency.get("batch1_median_ms")
+    if b1:
+        out["gmacs_per_s_batch1"] = macs * latency.get("batch1_input", 1) / (b1 / 1e3) / 1e9
+    if latency.get("batch_median_ms"):
+        out["gmacs_per_s_batch"] = macs * latency["batch"] / (latency["batch_median_ms"] / 1e3) / 1e9
+    peak = (peaks or {}).get(dtype)
+    if peak:
+        out["peak_gmacs_per_s"] = peak
+        for key in ("batch1", "batch"):
+            rate = out[f"gmacs_per_s_{key}"]
+            out[f"fraction_of_peak_{key}"] = rate / peak if rate is not None else None
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------

@@ -35,10 +35,12 @@ def gate_table(report: dict[str, Any], *, emoji: bool = True) -> list[str]:
 def artifact_table(report: dict[str, Any]) -> list[str]:
     lines = ["| artifact | backend | runs in | top-1 % | top-5 % | agreement | max abs diff | "
              "correlation | p50 ms (b1) | p90 ms (b1) | img/s (batch) | size MB | M params | "
-             "M MACs | gates |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "M MACs | GMAC/s (batch) | % of peak | gates |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for a in report.get("artifacts", []):
         acc, par, lat = a.get("accuracy") or {}, a.get("parity") or {}, a.get("latency") or {}
+        comp = a.get("compute") or {}
+        frac = comp.get("fraction_of_peak_batch")
         star = " ★" if a.get("recommended") else ""
         thr = lat.get("throughput_ips")
         batch = f" ({lat.get('batch')})" if thr is not None else ""
@@ -50,6 +52,8 @@ def artifact_table(report: dict[str, Any]) -> list[str]:
             f"{_cell(lat.get('batch1_p90_ms'))} | "
             f"{_cell(thr)}{batch} | "
             f"{_cell(a.get('size_mb'))} | {_cell(a.get('mparams'))} | {_cell(a.get('mmacs'))} | "
+            f"{_cell(comp.get('gmacs_per_s_batch'))} | "
+            f"{_cell(frac * 100) if frac is not None else '-'} | "
             f"{'pass' if a.get('passed') else 'FAIL'} |")
     return lines
 

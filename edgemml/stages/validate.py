@@ -88,6 +88,10 @@ class ValidateConfig(StageConfig):
         "earlier stage provides one; default: the nearest earlier model, else the first artifact.")
     bundle: Path | None = Field(None, description="A bundle folder (manifest.json) made elsewhere: "
                                 "its models are validated and its manifest copy marked.")
+    roofline: Path | None = Field(
+        None, description="roofline.json written by benchmarks/roofline.py on this machine: each "
+        "artifact's achieved MAC rate is also given as a fraction of the measured int8 / fp32 "
+        "peak. Without it, only the achieved GMAC/s is reported.")
 
     @field_validator("gates")
     @classmethod
@@ -116,7 +120,7 @@ class ValidateStage(Stage[ValidateConfig]):
     @classmethod
     def data_files(cls, config: ValidateConfig, pipeline: LoadedPipeline) -> list[Path]:
         paths = common.stage_data_files(config, pipeline)
-        for p in [config.baseline, config.reference, config.bundle,
+        for p in [config.baseline, config.reference, config.bundle, config.roofline,
                   *(a.path for a in config.artifacts)]:
             if p is not None:
                 paths.append(pipeline.resolve_path(p))
@@ -358,6 +362,8 @@ class _Evaluator:
         self.latency_inputs = ev.sample_inputs(dataset, config.latency.batch)
         self.logits: dict[str, Any] = {}
         self.entries: dict[str, dict[str, Any]] = {}
+        self.peaks = (ev.roofline_peaks(ctx.resolve(config.roofline))
+                      if config.roofline is not None else None)
 
     def run_all(self, items: list[_Item]) -> list[dict[str, Any]]:
         with self.ctx.progress("evaluating artifacts", total=len(items)) as bar:
@@ -417,6 +423,8 @@ class _Evaluator:
             notes["macs"] = "not counted: an OpenVINO IR without its torch model"
         size = ev.size_bytes(item.path)
         backend = {"torch": "torch", "onnx": "onnxruntime", "openvino": "openvino"}[item.format]
+        compute = ev.achieved_compute(macs, latency, "int8" if item.precision == "int8" else "fp32",
+                                      self.peaks)
         return {
             "name": item.name, "key": item.key, "stage": item.stage, "format": item.format,
             "backend": backend, "precision": item.precision, "mode": item.mode,
@@ -427,7 +435,7 @@ class _Evaluator:
             "macs": macs, "mmacs": macs / 1e6 if macs is not None else None,
             "accuracy": accuracy, "parity": parity,
             "diversity": ev.output_diversity(logits, labels), "latency": latency,
-            "passed": None, "recommended": False, "notes": notes,
+            "compute": compute, "passed": None, "recommended": False, "notes": notes,
         }
 
 

@@ -183,3 +183,23 @@ def test_compare_reports_rows_and_gate_changes() -> None:
     assert same["delta"] == 0 and same["better"] is None
     changes = gate_changes(a, b)
     assert changes and changes[0]["a"] != changes[0]["b"]
+
+
+def test_achieved_compute_against_a_roofline(tmp_path):
+    import json as _json
+
+    from edgemml.evaluation import achieved_compute, roofline_peaks
+    from edgemml.errors import InputError
+
+    path = tmp_path / "roofline.json"
+    path.write_text(_json.dumps({"peak_gmacs_per_s": {"fp32": 100.0, "int8": 400.0}}))
+    peaks = roofline_peaks(path)
+    lat = {"batch1_median_ms": 2.0, "batch1_input": 1, "batch": 8, "batch_median_ms": 4.0}
+    out = achieved_compute(20_000_000, lat, "int8", peaks)
+    assert out["gmacs_per_s_batch1"] == pytest.approx(10.0)   # 20 MMAC in 2 ms
+    assert out["gmacs_per_s_batch"] == pytest.approx(40.0)    # 8 x 20 MMAC in 4 ms
+    assert out["fraction_of_peak_batch"] == pytest.approx(0.1)
+    assert achieved_compute(None, lat, "fp32", peaks)["gmacs_per_s_batch1"] is None
+    path.write_text("{}")
+    with pytest.raises(InputError, match="roofline"):
+        roofline_peaks(path)
