@@ -82,6 +82,9 @@ def main() -> None:
                    help="torch threads (1 is fastest on a shared 2-core machine)")
     p.add_argument("--max-minutes", type=float, default=30.0,
                    help="stop starting new cells after this; results so far are written")
+    p.add_argument("--pretrain-augment", action="store_true",
+                   help="augment the pretraining too (off by default, as in pipelines/quickstart.yaml:"
+                        " translate+rotation slowed convergence on printed digits several-fold)")
     p.add_argument("--smoke", action="store_true", help="tiny grid to check the script")
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--tag", default="", help="write transfer-TAG.{json,md} (e.g. an extra grid)")
@@ -95,10 +98,11 @@ def main() -> None:
     size = (args.size, args.size)
     augment = AugmentConfig(translate=0.1, rotation=10)
 
-    def cfg(steps: int) -> TrainConfig:
-        return TrainConfig(max_steps=steps, epochs=10_000, batch_size=args.batch_size,
+    def cfg(steps: int, aug: AugmentConfig = augment, batch_size: int | None = None,
+            warmup: float = 0.0) -> TrainConfig:
+        return TrainConfig(max_steps=steps, epochs=10_000, batch_size=batch_size or args.batch_size,
                            optimizer="adamw", lr=args.lr, weight_decay=1e-4, schedule="cosine",
-                           augment=augment, device="cpu")
+                           warmup_epochs=warmup, augment=aug, device="cpu")
 
     # 1. the source: pretrained on rendered RGB digits
     rgb = PreprocessConfig(size=size, channels="rgb", mean=[0.5], std=[0.5])
@@ -107,8 +111,13 @@ def main() -> None:
     torch.manual_seed(0)
     source = build_model(model_cfg, num_classes=10, in_chans=3)
     t0 = time.perf_counter()
-    train(source, printed.train, None, cfg(args.pretrain_steps), seed=0)
+    pre_aug = augment if args.pretrain_augment else AugmentConfig()
+    # as pipelines/quickstart.yaml's pretrain_source: batch 64 and a short warm-up (without it,
+    # AdamW at this learning rate left resnet18 near chance after 300 steps)
+    train(source, printed.train, None,
+          cfg(args.pretrain_steps, pre_aug, batch_size=64, warmup=0.2), seed=0)
     pretrain = {"samples": args.pretrain_samples, "steps": args.pretrain_steps,
+                "augment": pre_aug.model_dump(),
                 "seconds": round(time.perf_counter() - t0, 1),
                 "printed_test_accuracy": evaluate(source, printed.test)["accuracy"]}
     print(f"pretrained on printed-digits: test accuracy {pretrain['printed_test_accuracy']:.4f} "
@@ -222,7 +231,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{', '.join(map(str, report['grid']['seeds']))}; gain = migrated − scratch, paired by "
         f"seed.", "",
         f"Source: pretrained {report['pretrain']['steps']} steps on "
-        f"{report['pretrain']['samples']} printed digits (printed test accuracy "
+        f"{report['pretrain']['samples']} printed digits"
+        f"{' with' if any(report['pretrain'].get('augment', {}).values()) else ' without'} "
+        f"augmentation (printed test accuracy "
         f"{pct(report['pretrain']['printed_test_accuracy'])} %). Migration: coverage "
         f"{pct(report['migration']['coverage'])} % of parameters, stem "
         f"{report['migration']['stem'].removeprefix('stem ')}.", "",
