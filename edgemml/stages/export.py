@@ -79,6 +79,8 @@ class ExportConfig(StageConfig):
 
 
 class ExportStage(Stage[ExportConfig]):
+    """ONNX and OpenVINO IR checked against torch, and the deployable bundle with predict.py."""
+
     type = "export"
     Config = ExportConfig
     provides = ("onnx-fp32", "onnx-fp16", "openvino-fp32", "openvino-fp16", "bundle",

@@ -145,6 +145,13 @@ class MigrateConfig(StageConfig):
                                     "zero-shot accuracy).")
     preprocess: PreprocessConfig | None = Field(None, description="Target preprocessing.")
 
+    @model_validator(mode="after")
+    def _no_input(self) -> MigrateConfig:
+        if self.input is not None:
+            raise ValueError(f"migrate reads its `sources:`, not `input:`; write sources: "
+                             f"[{{stage: {self.input}}}]")
+        return self
+
 
 @dataclass
 class _Source:

@@ -92,6 +92,8 @@ class QuantizeConfig(StageConfig):
 
 
 class QuantizeStage(Stage[QuantizeConfig]):
+    """Post-training int8 (ONNX Runtime QDQ, OpenVINO/NNCF) within an accuracy budget."""
+
     type = "quantize"
     Config = QuantizeConfig
     provides = ("onnx-int8", "openvino-int8", "report")
