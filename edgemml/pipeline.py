@@ -169,10 +169,9 @@ def fingerprint_inputs(item: PlannedStage, pipeline: LoadedPipeline,
     base = pipeline.base_dir
     data_files: dict[str, str] = {}
     for p in item.stage_cls.data_files(item.config, pipeline):
-        try:
-            key = p.resolve().relative_to(base.resolve()).as_posix()
-        except ValueError:
-            key = str(p)
+        # relative to the pipeline file, '..' included: a project moved or cloned elsewhere keeps
+        # its cache, and the bytes, not the place, decide
+        key = Path(os.path.relpath(os.path.abspath(p), os.path.abspath(base))).as_posix()
         data_files[key] = data_hashes.digest(p)
     return {
         "type": item.config.type,
