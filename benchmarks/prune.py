@@ -38,54 +38,22 @@ from edgemml.training import TrainConfig, evaluate, train
 REPO = Path(__file__).resolve().parent.parent
 PRE = PreprocessConfig(channels="gray", size=(32, 32), mean=[0.5], std=[0.5])
 
-PLUGIN = '''
-import shutil
-from typing import Literal
-from pydantic import Field
-from edgemml.config import StageConfig
-from edgemml.stages import register
-from edgemml.stages.base import Stage
-
-
-class BaselineConfig(StageConfig):
-    type: Literal["bench_baseline"]
-    path: str = Field(..., description="Saved baseline model folder.")
-
-
-@register
-class Baseline(Stage[BaselineConfig]):
-    type = "bench_baseline"
-    Config = BaselineConfig
-
-    @classmethod
-    def needs_input(cls, config):
-        return False
-
-    @classmethod
-    def data_files(cls, config, pipeline):
-        return sorted(pipeline.resolve_path(config.path).iterdir())
-
-    def run(self, ctx, config):
-        shutil.copytree(ctx.resolve(config.path), ctx.work_dir / "model")
-        return {"model": ctx.work_dir / "model"}
-'''
-
 PIPELINE = """
 name: bench-prune
 seed: 0
-plugins: [bench_prune_plugin]
 preprocess: {size: [32, 32], channels: gray, mean: [0.5], std: [0.5]}
 data: {source: "builtin:digits"}
 model: {arch: torchvision/resnet18}
 stages:
-  - type: bench_baseline
+  - name: baseline
+    type: load
     path: baseline
   - name: prune
     type: prune
     target_macs: 0.5
   - name: prune-noround
     type: prune
-    input: bench_baseline
+    input: baseline
     target_macs: 0.5
     round_to: null
     recover: null
@@ -153,7 +121,6 @@ def main() -> None:
     spec = ModelSpec.from_config(arch, num_classes=10, in_chans=1, class_names=splits.classes,
                                  preprocess=PRE.model_dump(mode="json"))
     save_model(baseline, spec, work / "baseline")
-    (work / "bench_prune_plugin.py").write_text(textwrap.dedent(PLUGIN))
     (work / "pipeline.yaml").write_text(textwrap.dedent(PIPELINE).lstrip())
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(work), os.environ.get("PYTHONPATH", "")]))

@@ -5,7 +5,7 @@ For each torchvision model (resnet18, mobilenet_v3_small; 1000 classes, random i
 1. BatchNorm statistics are estimated on real photographs (random crops of scikit-learn's two
    sample images), because a random-init network with default statistics gives near-constant
    outputs and quantizing it would mean nothing;
-2. `edgemml run` runs the real stages on it (a plugin stage hands over the model): quantize
+2. `edgemml run` runs the real stages on it (the built-in `load` stage hands over the model): quantize
    (defaults: the CPU-aware recipe) -> export (ONNX fp32, OpenVINO IR fp32);
 3. outside edgemml, the same fp32 ONNX file is quantized with ONNX Runtime's `quantize_static` and
    with `nncf.quantize`, every option at its default, on the same calibration crops;
@@ -45,46 +45,13 @@ from common import (REPO, Variant, fmt, interleaved_latency, load_note, machine_
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
-PLUGIN = '''
-import shutil
-from typing import Literal
-from pydantic import Field
-from edgemml.config import StageConfig
-from edgemml.stages import register
-from edgemml.stages.base import Stage
-
-
-class SavedConfig(StageConfig):
-    type: Literal["bench_saved_model"]
-    path: str = Field(..., description="A model folder written by edgemml.models.save_model.")
-
-
-@register
-class Saved(Stage[SavedConfig]):
-    type = "bench_saved_model"
-    Config = SavedConfig
-
-    @classmethod
-    def needs_input(cls, config):
-        return False
-
-    @classmethod
-    def data_files(cls, config, pipeline):
-        return sorted(pipeline.resolve_path(config.path).iterdir())
-
-    def run(self, ctx, config):
-        shutil.copytree(ctx.resolve(config.path), ctx.work_dir / "model")
-        return {"model": ctx.work_dir / "model"}
-'''
-
 PIPELINE = """
 name: {name}
 seed: 0
-plugins: [bench_quantize_plugin]
 preprocess: {preprocess}
 data: {{source: crops.npz}}
 stages:
-  - type: bench_saved_model
+  - type: load
     path: {model_dir}
   - type: quantize
 {quantize_extra}
@@ -205,7 +172,7 @@ def bench_model(arch: str, args: argparse.Namespace, work: Path) -> dict[str, An
     baselines = {"ort-int8-default": ort_default_int8(fp32_onnx, ort_def, calib),
                  "ov-int8-nncf-default": nncf_default_int8(fp32_onnx, nncf_def, calib)}
 
-    model, _ = load_model(run_dir / "01-bench_saved_model" / "model")
+    model, _ = load_model(run_dir / "01-load" / "model")
     t = args.threads
     preds = {
         "torch-fp32": (torch_predictor(model, threads=t), model_dir),
@@ -349,7 +316,6 @@ def main() -> None:
     t_start = time.perf_counter()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="edgemml-bench-quantize-"))
     work.mkdir(parents=True, exist_ok=True)
-    (work / "bench_quantize_plugin.py").write_text(textwrap.dedent(PLUGIN))
     make_crops(args.images, args.size, 0, work / "crops.npz")
     models = [bench_model(arch, args, work) for arch in args.models]
     info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]

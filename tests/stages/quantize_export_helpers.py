@@ -1,54 +1,20 @@
-"""Test helpers for the quantize and export stages: small models with real accuracy, and a plugin stage.
+"""Test helpers for the quantize and export stages: small models with real accuracy.
 
 Why not train: resnet18 takes ~35 s for 40 steps on this 2-core machine. Instead a randomly
 initialised backbone gets its BatchNorm statistics estimated on the digits (recalibrate_bn), and its
 linear head is fitted by least squares on the pooled features: a few seconds, deterministic, and a
 model whose top-1 on held-out digits is far above chance, so int8-vs-fp32 agreement means something.
 
-Also a plugin stage type `saved_model` (imported through the pipeline's `plugins:`) that hands a
-model folder to the stages under test, because the training stages are built elsewhere.
+Pipelines under test start from such a model folder with the built-in `load` stage.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field
-
-from edgemml.config import StageConfig
-from edgemml.stages import register
-from edgemml.stages.base import Stage, StageContext
+from typing import Any
 
 PRE = {"size": [32, 32], "resize": "stretch", "interpolation": "bilinear", "channels": "gray",
        "mean": [0.5], "std": [0.5], "layout": "NCHW", "dtype": "float32"}
-
-
-class SavedModelConfig(StageConfig):
-    type: Literal["saved_model"]
-    path: str = Field(..., description="Folder written by edgemml.models.save_model.")
-
-
-@register
-class SavedModel(Stage[SavedModelConfig]):
-    """Provides the model folder at `path` as this stage's "model" output."""
-
-    type = "saved_model"
-    Config = SavedModelConfig
-
-    @classmethod
-    def needs_input(cls, config: SavedModelConfig) -> bool:
-        return False
-
-    @classmethod
-    def data_files(cls, config: SavedModelConfig, pipeline: Any) -> list[Path]:
-        return [pipeline.resolve_path(config.path)]
-
-    def run(self, ctx: StageContext, config: SavedModelConfig) -> dict[str, Path]:
-        out = ctx.work_dir / "model"
-        shutil.copytree(ctx.resolve(config.path), out)
-        return {"model": out}
 
 
 def digits() -> Any:

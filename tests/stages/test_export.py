@@ -28,7 +28,6 @@ def _explain(proc) -> str:
 
 HEAD = """
 name: x
-plugins: [quantize_export_helpers]
 preprocess: {size: [32, 32], channels: gray}
 data: {source: "builtin:digits"}
 stages:
@@ -54,7 +53,7 @@ def test_onnx_and_ir_match_torch_for_three_models(tmp_path, models):
     for name, exporter in variants.items():
         source = "onnx" if name != "mobilenet" else "torch"
         stages += f"""
-  - {{type: saved_model, name: {name}, path: "{models[name]}"}}
+  - {{type: load, name: {name}, path: "{models[name]}"}}
   - type: export
     name: export-{name}
     input: {name}
@@ -100,7 +99,7 @@ def test_bundle_predict_runs_without_torch_and_matches_the_pipeline(tmp_path, mo
     from edgemml.exporters.runtime import dataset_arrays, evenly_spaced, onnx_session, run_onnx
 
     write(tmp_path / "pipeline.yaml", HEAD + f"""
-  - {{type: saved_model, path: "{models['pruned']}"}}
+  - {{type: load, path: "{models['pruned']}"}}
   - type: quantize
     calibration: {{samples: 32}}
     onnx: {{exporter: torchscript}}

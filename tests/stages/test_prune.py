@@ -151,50 +151,14 @@ def test_rounding_jump_is_closed_by_global_refine():
 # The default pipeline's model, through the real CLI
 # ------------------------------------------------------------------------------------------------
 
-PLUGIN = '''
-import shutil
-from pathlib import Path
-from typing import Literal
-
-from pydantic import Field
-
-from edgemml.config import StageConfig
-from edgemml.stages import register
-from edgemml.stages.base import Stage
-
-
-class CopyModelConfig(StageConfig):
-    type: Literal["copy_model"]
-    path: str = Field(..., description="A saved model folder.")
-
-
-@register
-class CopyModel(Stage[CopyModelConfig]):
-    type = "copy_model"
-    Config = CopyModelConfig
-
-    @classmethod
-    def needs_input(cls, config):
-        return False
-
-    @classmethod
-    def data_files(cls, config, pipeline):
-        return sorted(pipeline.resolve_path(config.path).iterdir())
-
-    def run(self, ctx, config):
-        shutil.copytree(ctx.resolve(config.path), ctx.work_dir / "model")
-        return {"model": ctx.work_dir / "model"}
-'''
-
 PIPELINE = """
 name: prunetest
 seed: 0
-plugins: [prune_test_plugin]
 preprocess: {size: [32, 32], channels: gray, mean: [0.5], std: [0.5]}
 data: {source: "builtin:digits"}
 model: {arch: torchvision/resnet18}
 stages:
-  - type: copy_model
+  - type: load
     path: trained
   - type: prune
     target_macs: 0.5
@@ -232,7 +196,6 @@ def test_prune_stage_end_to_end(tmp_path, trained_default_model):
     trained, acc_trained = trained_default_model
     assert acc_trained > 0.5  # the test model learned something, so accuracies mean something
     shutil.copytree(trained, tmp_path / "trained")
-    write(tmp_path / "prune_test_plugin.py", PLUGIN)
     write(tmp_path / "pipeline.yaml", PIPELINE)
     env = cli_env({"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS_DIR)])})
     proc = run_cli("run", "pipeline.yaml", cwd=tmp_path, env=env)

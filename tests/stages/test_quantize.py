@@ -26,11 +26,10 @@ def _env() -> dict[str, str]:
 def _pipeline(root: Path, model: Path, quantize: str) -> None:
     write(root / "pipeline.yaml", f"""
         name: q
-        plugins: [quantize_export_helpers]
         preprocess: {{size: [32, 32], channels: gray}}
         data: {{source: "builtin:digits"}}
         stages:
-          - type: saved_model
+          - type: load
             path: {model}
           - type: quantize
             calibration: {{samples: 64}}
@@ -83,7 +82,7 @@ def test_int8_for_both_runtimes_is_smaller_and_agrees_with_fp32(tmp_path, models
     # figures re-measured here, independently of the stage
     data = digits()
     x, y = dataset_arrays(data.val)
-    model, _ = load_model(stage.parent / "01-saved_model/model")
+    model, _ = load_model(stage.parent / "01-load/model")
     ref = torch_logits(model, x)
     assert report["fp32"]["accuracy"] == pytest.approx(float((ref.argmax(1) == y).mean()))
     assert report["fp32"]["accuracy"] > 0.8  # a model that classifies, so agreement means something
