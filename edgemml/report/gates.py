@@ -185,8 +185,10 @@ def _regression_rows(selector: str, matched: list[dict[str, Any]], limits: dict[
         path, worse, relative, unit = REGRESSIONS[key]
         gate = f"{selector}.max_regression.{key}"
         if baseline is None:
+            # Skipped, not failed: the first run of a CI gate (on main) has nothing to compare
+            # with. The validate stage warns, and the skip is visible in every report.
             rows.append(_row(gate, selector, None, f"regression.{key}", "<=", limit, None, unit,
-                             "fail", "no baseline report given (set `baseline:`)"))
+                             "skip", "no baseline report given (set `baseline:`): not checked"))
             continue
         if not matched:
             rows.append(_row(gate, selector, None, f"regression.{key}", "<=", limit, None, unit,

@@ -642,6 +642,9 @@ def _finish(ctx: StageContext, config: ValidateConfig, plan: _Plan,
         highlights=highlights)
     for line in report["gate_failures"]:
         ctx.warn(f"gate failed: {line}")
+    skipped = [r["gate"] for r in rows if r["status"] == "skip" and r["artifact"] is None]
+    if skipped:
+        ctx.warn(f"not checked, no baseline report given: {', '.join(sorted(set(skipped)))}")
     return outputs
 
 
