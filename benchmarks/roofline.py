@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -23,6 +22,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+import sys
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,16 +93,6 @@ def bench_ov(path: Path, x: np.ndarray, threads: int, repeats: int, precision: s
         "PERFORMANCE_HINT": "LATENCY"})
     request = compiled.create_infer_request()
     return _time(lambda: request.infer({0: x}), 3, repeats)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
