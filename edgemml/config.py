@@ -11,6 +11,7 @@ import copy
 import difflib
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from pydantic import (
 )
 
 from edgemml.errors import ConfigError, InputError
+from edgemml.paths import os_error
 
 
 class StrictModel(BaseModel):
@@ -96,6 +98,23 @@ class SplitConfig(StrictModel):
         return self
 
 
+# Characters a class name may not hold: labels.txt has one name per line, and readers split lines
+# on more than "\n" (Python's str.splitlines also on \v \f \x1c-\x1e \x85 U+2028 U+2029).
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a class name (it is written one per line into labels.txt, drawn into
+    sample grids and printed), or None."""
+    if not name or not name.strip():
+        return "is empty"
+    if any(c in _LINE_BREAKS for c in name):
+        return "contains a line break"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character"
+    return None
+
+
 class DataConfig(StrictModel):
     """Where samples come from. Stage-level `data:` keys override the pipeline-level section."""
 
@@ -124,6 +143,17 @@ class DataConfig(StrictModel):
         default_factory=dict, description="Source-specific options (e.g. fonts of printed-digits)."
     )
 
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            problem = class_name_problem(name)
+            if problem:
+                raise ValueError(f"class name {name!r} {problem}")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("class names must be unique")
+        return value
+
     @field_validator("source")
     @classmethod
     def _source_form(cls, value: str) -> str:
@@ -132,6 +162,22 @@ class DataConfig(StrictModel):
         if "://" in value:
             raise ValueError("remote data sources are not supported; give a local path")
         return value
+
+
+TORCHVISION_PREFIX = "torchvision/"
+
+
+def known_architectures() -> list[str]:
+    """Every torchvision classification builder as `torchvision/<name>`, sorted."""
+    import torchvision
+
+    return [TORCHVISION_PREFIX + n
+            for n in sorted(torchvision.models.list_models(module=torchvision.models))]
+
+
+def canonical_arch(arch: str) -> str:
+    """`resnet18` and `torchvision/resnet18` both name torchvision's resnet18."""
+    return arch if "/" in arch else TORCHVISION_PREFIX + arch
 
 
 class ModelConfig(StrictModel):
@@ -246,37 +292,148 @@ def stage_name(cfg: StageConfig) -> str:
 
 _SHARED_MERGE_KEYS = ("data", "preprocess")
 
+# Limits of a pipeline file (and of a --set value). A pipeline is a few hundred values; these are
+# far above any real one and far below what exhausts memory: a 484-byte file of nested aliases
+# ("billion laughs") expands to billions of values, `x: &x [*x]` to an infinite one.
+MAX_PIPELINE_BYTES = 4 * 1024 * 1024
+MAX_YAML_VALUES = 100_000  # counted with aliases expanded
+MAX_YAML_DEPTH = 64
 
-def _node_lines(node: yaml.Node, prefix: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
-    """Map every key path in a composed YAML tree to its 1-based line number."""
+
+class _YamlLimit(yaml.MarkedYAMLError):
+    """A pipeline file over one of the limits above (not a syntax error)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that counts while it composes: values with aliases expanded, nesting depth,
+    and aliases that point into their own anchor (recursion). The count stops the parser as soon
+    as a limit is passed, so a hostile file costs a few thousand values of work, not gigabytes."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}  # id(node) -> its size with aliases expanded
+        self._total = 0
+        self._depth = 0
+
+    def _count(self, n: int, mark: Any) -> None:
+        self._total += n
+        if self._total > MAX_YAML_VALUES:
+            raise _YamlLimit(None, None, f"more than {MAX_YAML_VALUES:,} values (aliases "
+                             f"expanded); a pipeline file is far smaller", mark)
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            target = self.anchors.get(event.anchor)
+            if target is not None and id(target) not in self._sizes:
+                raise _YamlLimit(None, None, f"alias *{event.anchor} refers to a value that "
+                                 f"contains it (recursive structures are not allowed)",
+                                 event.start_mark)
+            node = super().compose_node(parent, index)
+            self._count(self._sizes[id(node)], event.start_mark)
+            return node
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise _YamlLimit(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                             self.peek_event().start_mark)
+        start = self._total
+        self._count(1, self.peek_event().start_mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._sizes[id(node)] = self._total - start  # itself and everything below it
+        return node
+
+
+def _compose(text: str) -> tuple[Any, Any]:
+    """(data, node) of one YAML document, within the limits of _BoundedLoader."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return data, node
+
+
+def _node_lines(node: yaml.Node, prefix: tuple[Any, ...], out: dict[tuple[Any, ...], int],
+                seen: set[int] | None = None) -> None:
+    """Map every key path in a composed YAML tree to its 1-based line number. A node reached again
+    through an alias is not walked again (its paths fall back to the alias's own line)."""
+    seen = set() if seen is None else seen
     out.setdefault(prefix, node.start_mark.line + 1)
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
             path = prefix + (key,)
             out[path] = key_node.start_mark.line + 1
-            _node_lines(value_node, path, out)
+            _node_lines(value_node, path, out, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             path = prefix + (i,)
             out[path] = item.start_mark.line + 1
-            _node_lines(item, path, out)
+            _node_lines(item, path, out, seen)
 
 
 def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
     """safe_load the text and return it with a path -> line map. Syntax errors name the line."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, node = _compose(text)
+    except _YamlLimit as exc:
+        mark = exc.problem_mark
+        raise ConfigError(f"refused: {exc.problem}", file=file,
+                          line=mark.line + 1 if mark is not None else None,
+                          hint="pipeline files are limited in size, nesting and alias expansion; "
+                               "write the values out plainly") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark is not None else None
         raise ConfigError(f"invalid YAML: {exc.problem}", file=file, line=line,
                           hint="check indentation and quoting near that line") from None
+    except yaml.YAMLError as exc:  # ReaderError: a NUL or other control character (a binary file)
+        position = getattr(exc, "position", None)
+        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"not a YAML text file: {reason}", file=file, line=line,
+                          hint="give a pipeline.yaml (plain UTF-8 text)") from None
     lines: dict[tuple[Any, ...], int] = {}
     if node is not None:
         _node_lines(node, (), lines)
     return data, lines
+
+
+def read_yaml_text(path: Path, what: str = "pipeline file") -> str:
+    """The text of a pipeline (or validation) file: a regular file of at most MAX_PIPELINE_BYTES,
+    UTF-8; checked before it is read, so /dev/zero or a 5 GB file is refused at once."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{what} not found: {path}",
+                         hint="give the path of a pipeline.yaml, e.g. pipelines/quickstart.yaml") \
+            from None
+    except OSError as exc:
+        raise os_error(exc, path, doing=f"read the {what}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{what} {path} is not a regular file", hint="give the path of a YAML file")
+    if st.st_size > MAX_PIPELINE_BYTES:
+        raise ConfigError(f"{what} is {st.st_size / 1e6:.1f} MB; the limit is "
+                          f"{MAX_PIPELINE_BYTES / 1e6:.1f} MB", file=str(path),
+                          hint="a pipeline file holds settings, not data: point at data files")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PIPELINE_BYTES + 1)
+    except OSError as exc:
+        raise os_error(exc, path, doing=f"read the {what}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
+                          file=str(path), line=line, hint="save the file as UTF-8") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -288,7 +445,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"--set {text!r}: empty key")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _compose(value)[0] if value.strip() else None
+    except _YamlLimit as exc:
+        raise ConfigError(f"--set {text!r}: refused: {exc.problem}") from None
     except yaml.YAMLError:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
     return parts, parsed
@@ -478,14 +637,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Loade
 
     path = Path(path)
     file = str(path)
-    if not path.is_file():
-        raise InputError(f"pipeline file not found: {path}",
-                         hint="give the path of a pipeline.yaml, e.g. pipelines/quickstart.yaml")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read pipeline file: {exc}", file=file) from None
-    raw, lines = parse_yaml(text, file)
+    raw, lines = parse_yaml(read_yaml_text(path), file)
     if not isinstance(raw, dict):
         raise ConfigError("a pipeline file must be a mapping with name and stages", file=file, line=1)
     origins = apply_overrides(raw, list(overrides or []))
@@ -535,7 +687,47 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Loade
         configs.append(cfg)
 
     _check_stage_graph(configs, file, ctx)
+    _check_architectures(top, configs, file, ctx)
     return LoadedPipeline(top, configs, path, raw)
+
+
+def _model_configs(model: BaseModel, path: tuple[Any, ...]) -> list[tuple[tuple[Any, ...],
+                                                                          ModelConfig]]:
+    """(key path, ModelConfig) of every model section inside a validated config."""
+    found: list[tuple[tuple[Any, ...], ModelConfig]] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            where = path + ((name,) if i is None else (name, i))
+            if isinstance(item, ModelConfig):
+                found.append((where, item))
+            elif isinstance(item, BaseModel):
+                found += _model_configs(item, where)
+    return found
+
+
+def _check_architectures(top: PipelineConfig, configs: list[StageConfig], file: str,
+                         ctx: _ErrorContext) -> None:
+    """Refuse, at load time (so `edgemml check` does too), an architecture torchvision does not
+    have: `run` would refuse it only when the stage builds the model."""
+    found = [(("model",), "model", top.model)] if top.model is not None else []
+    for i, cfg in enumerate(configs):
+        found += [(("stages", i) + p, f"stages[{i}].{cfg.type}" + "".join(
+            f"[{k}]" if isinstance(k, int) else f".{k}" for k in p), m)
+            for p, m in _model_configs(cfg, ())]
+    found = [f for f in found if f[2].arch is not None]
+    if not found:
+        return
+    known = known_architectures()
+    for where, key, model in found:
+        if canonical_arch(str(model.arch)) not in known:
+            hint = _did_you_mean(canonical_arch(str(model.arch)), known)
+            raise ConfigError(f"unknown architecture {model.arch!r}: not one of torchvision's "
+                              f"{len(known)} classification models",
+                              file=file, line=ctx.line_for(where + ("arch",)), key=f"{key}.arch",
+                              hint=(hint + " " if hint else "") + "or use model.python: "
+                              "package.module:factory for your own architecture")
 
 
 def _check_stage_graph(configs: list[StageConfig], file: str, ctx: _ErrorContext) -> None:
