@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from edgemml.errors import InputError
+from edgemml.paths import check_input_file
 
 TORCHVISION_REF = "torchvision:"
 # Keys under which checkpoints nest the weights, in order of preference.
@@ -189,6 +190,7 @@ def read_file(path: str | Path) -> Any:
         raise InputError(f"{path} is a folder, not a checkpoint file", file=path,
                          hint="give a .pt/.pth/.bin/.safetensors file (for a saved edgemml model use "
                          "its folder with load_model)")
+    check_input_file(path, what="checkpoint")  # a device or a huge file: refused before reading
     kind = _sniff(path)
     if kind == "empty":
         raise InputError("checkpoint file is empty", file=path)

@@ -26,6 +26,7 @@ from edgemml.config import (
     stage_name,
 )
 from edgemml.errors import ConfigError, StageError
+from edgemml.paths import check_input_file
 from edgemml.stages.base import Stage, StageContext
 from edgemml.stages.common import (
     data_config,
@@ -187,7 +188,7 @@ class Migrate(Stage[MigrateConfig]):
     @classmethod
     def data_files(cls, config: MigrateConfig, pipeline: LoadedPipeline) -> list[Path]:
         files = stage_data_files(config, pipeline)
-        for s in config.sources:
+        for i, s in enumerate(config.sources):
             if s.checkpoint is None:
                 continue
             if s.checkpoint.startswith(TORCHVISION_REF):
@@ -198,8 +199,9 @@ class Migrate(Stage[MigrateConfig]):
                     files.append(torchvision_weights_path(s.checkpoint[len(TORCHVISION_REF):])[0])
                 except InputError:
                     continue  # unknown name: run() reports it
-            else:
-                files.append(pipeline.resolve_path(s.checkpoint))
+            else:  # a regular file of bounded size, checked before it is hashed
+                files.append(check_input_file(pipeline.resolve_path(s.checkpoint), what="checkpoint",
+                                              key=f"sources[{i}].checkpoint"))
         return files
 
     # --------------------------------------------------------------------------------------------
