@@ -140,6 +140,8 @@ class Finetune(Stage[FinetuneConfig]):
     provides = ("model", "history", "curves", "report", "samples")
     #: every torchrun process runs this stage (DDP); the runner runs other stages on rank 0 alone
     distributed: ClassVar[bool] = True
+    #: an interrupted attempt resumes after its last epoch checkpoint (training.train)
+    resumable: ClassVar[bool] = True
 
     @classmethod
     def needs_input(cls, config: FinetuneConfig) -> bool:

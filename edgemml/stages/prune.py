@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -111,6 +111,8 @@ class PruneStage(Stage[PruneConfig]):
     code = ("edgemml.models", "edgemml.data", "edgemml.stages.common", "edgemml.training",
             "edgemml.training_config", "edgemml.pruning")
     provides = ("model", "report")
+    #: the (seeded) search runs again; recovery resumes after its last epoch checkpoint
+    resumable: ClassVar[bool] = True
 
     @classmethod
     def data_files(cls, config: PruneConfig, pipeline: LoadedPipeline) -> list[Path]:
