@@ -11,7 +11,6 @@ import copy
 import difflib
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,8 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from edgemml.errors import ConfigError, InputError
-from edgemml.paths import os_error
+from edgemml.errors import ConfigError
+from edgemml.yamlsafe import YamlLimit, compose, read_yaml_text
 
 
 class StrictModel(BaseModel):
@@ -292,71 +291,6 @@ def stage_name(cfg: StageConfig) -> str:
 
 _SHARED_MERGE_KEYS = ("data", "preprocess")
 
-# Limits of a pipeline file (and of a --set value). A pipeline is a few hundred values; these are
-# far above any real one and far below what exhausts memory: a 484-byte file of nested aliases
-# ("billion laughs") expands to billions of values, `x: &x [*x]` to an infinite one.
-MAX_PIPELINE_BYTES = 4 * 1024 * 1024
-MAX_YAML_VALUES = 100_000  # counted with aliases expanded
-MAX_YAML_DEPTH = 64
-
-
-class _YamlLimit(yaml.MarkedYAMLError):
-    """A pipeline file over one of the limits above (not a syntax error)."""
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that counts while it composes: values with aliases expanded, nesting depth,
-    and aliases that point into their own anchor (recursion). The count stops the parser as soon
-    as a limit is passed, so a hostile file costs a few thousand values of work, not gigabytes."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._sizes: dict[int, int] = {}  # id(node) -> its size with aliases expanded
-        self._total = 0
-        self._depth = 0
-
-    def _count(self, n: int, mark: Any) -> None:
-        self._total += n
-        if self._total > MAX_YAML_VALUES:
-            raise _YamlLimit(None, None, f"more than {MAX_YAML_VALUES:,} values (aliases "
-                             f"expanded); a pipeline file is far smaller", mark)
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            target = self.anchors.get(event.anchor)
-            if target is not None and id(target) not in self._sizes:
-                raise _YamlLimit(None, None, f"alias *{event.anchor} refers to a value that "
-                                 f"contains it (recursive structures are not allowed)",
-                                 event.start_mark)
-            node = super().compose_node(parent, index)
-            self._count(self._sizes[id(node)], event.start_mark)
-            return node
-        self._depth += 1
-        if self._depth > MAX_YAML_DEPTH:
-            raise _YamlLimit(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
-                             self.peek_event().start_mark)
-        start = self._total
-        self._count(1, self.peek_event().start_mark)
-        try:
-            node = super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-        self._sizes[id(node)] = self._total - start  # itself and everything below it
-        return node
-
-
-def _compose(text: str) -> tuple[Any, Any]:
-    """(data, node) of one YAML document, within the limits of _BoundedLoader."""
-    loader = _BoundedLoader(text)
-    try:
-        node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
-    finally:
-        loader.dispose()
-    return data, node
-
-
 def _node_lines(node: yaml.Node, prefix: tuple[Any, ...], out: dict[tuple[Any, ...], int],
                 seen: set[int] | None = None) -> None:
     """Map every key path in a composed YAML tree to its 1-based line number. A node reached again
@@ -382,8 +316,8 @@ def _node_lines(node: yaml.Node, prefix: tuple[Any, ...], out: dict[tuple[Any, .
 def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
     """safe_load the text and return it with a path -> line map. Syntax errors name the line."""
     try:
-        data, node = _compose(text)
-    except _YamlLimit as exc:
+        data, node = compose(text)
+    except YamlLimit as exc:
         mark = exc.problem_mark
         raise ConfigError(f"refused: {exc.problem}", file=file,
                           line=mark.line + 1 if mark is not None else None,
@@ -406,36 +340,6 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
     return data, lines
 
 
-def read_yaml_text(path: Path, what: str = "pipeline file") -> str:
-    """The text of a pipeline (or validation) file: a regular file of at most MAX_PIPELINE_BYTES,
-    UTF-8; checked before it is read, so /dev/zero or a 5 GB file is refused at once."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise InputError(f"{what} not found: {path}",
-                         hint="give the path of a pipeline.yaml, e.g. pipelines/quickstart.yaml") \
-            from None
-    except OSError as exc:
-        raise os_error(exc, path, doing=f"read the {what}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{what} {path} is not a regular file", hint="give the path of a YAML file")
-    if st.st_size > MAX_PIPELINE_BYTES:
-        raise ConfigError(f"{what} is {st.st_size / 1e6:.1f} MB; the limit is "
-                          f"{MAX_PIPELINE_BYTES / 1e6:.1f} MB", file=str(path),
-                          hint="a pipeline file holds settings, not data: point at data files")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_PIPELINE_BYTES + 1)
-    except OSError as exc:
-        raise os_error(exc, path, doing=f"read the {what}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})",
-                          file=str(path), line=line, hint="save the file as UTF-8") from None
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`stages.prune.ratio=0.4` -> (['stages', 'prune', 'ratio'], 0.4); the value is parsed as YAML."""
     if "=" not in text:
@@ -445,8 +349,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"--set {text!r}: empty key")
     try:
-        parsed = _compose(value)[0] if value.strip() else None
-    except _YamlLimit as exc:
+        parsed = compose(value)[0] if value.strip() else None
+    except YamlLimit as exc:
         raise ConfigError(f"--set {text!r}: refused: {exc.problem}") from None
     except yaml.YAMLError:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None

@@ -669,13 +669,14 @@ def load_standalone(path: Path, overrides: list[str] | None = None) -> LoadedPip
         parse_yaml,
     )
     from edgemml.errors import ConfigError
+    from edgemml.yamlsafe import read_yaml_text
 
     path = Path(path)
     file = str(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"validation file not found: {path}",
                          hint="give a YAML file with artifacts:, data: and gates:")
-    raw, lines = parse_yaml(path.read_text(encoding="utf-8"), file)
+    raw, lines = parse_yaml(read_yaml_text(path, "validation file"), file)
     if not isinstance(raw, dict):
         raise ConfigError("the file must be a mapping (artifacts:, data:, gates: ...)", file=file,
                           line=1)
