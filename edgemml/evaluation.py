@@ -37,6 +37,8 @@ class Predictor:
     #: what the runtime actually computes in (read back from the runtime where it says)
     runtime_precision: str = "f32"
     threads: int = 1
+    #: the input shape the graph declares (None for a dynamic dimension), when the runtime says
+    input_shape: tuple[int | None, ...] | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.run(x)
@@ -89,7 +91,8 @@ def onnx_predictor(path: Path, *, threads: int, name: str = "onnx") -> Predictor
         return np.asarray(out, dtype=np.float32)
 
     precision = "f16" if in_dtype == np.float16 else "f32"
-    return Predictor(name, "onnxruntime", run, static, precision, threads)
+    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape or ())
+    return Predictor(name, "onnxruntime", run, static, precision, threads, shape)
 
 
 def openvino_predictor(folder: Path, *, threads: int, exact: bool,
@@ -118,12 +121,14 @@ def openvino_predictor(folder: Path, *, threads: int, exact: bool,
     static = None
     if pshape.rank.is_static and len(pshape) > 0 and pshape[0].is_static:
         static = pshape[0].get_length()
+    shape = tuple(d.get_length() if d.is_static else None for d in pshape) \
+        if pshape.rank.is_static else None
 
     def run(x: np.ndarray) -> np.ndarray:
         res = request.infer([np.ascontiguousarray(x, dtype=np.float32)])
         return np.asarray(res[out_port], dtype=np.float32).copy()
 
-    return Predictor(name, "openvino", run, static, precision, threads)
+    return Predictor(name, "openvino", run, static, precision, threads, shape)
 
 
 def openvino_xml(path: Path) -> Path:
@@ -369,7 +374,7 @@ def artifact_files(path: Path) -> list[Path]:
     if path.suffix == ".onnx":
         import onnx
 
-        model = onnx.load(str(path), load_external_data=False)
+        model = load_onnx(path, external_data=False)
         locations = {entry.value for t in model.graph.initializer
                      if t.data_location == onnx.TensorProto.EXTERNAL
                      for entry in t.external_data if entry.key == "location"}
@@ -401,7 +406,7 @@ def onnx_macs_params(path: Path) -> tuple[int | None, int]:
     import onnx
     from onnx import shape_inference
 
-    model = onnx.load(str(path))
+    model = load_onnx(path)
     graph = model.graph
     quant_params = {n.input[i] for n in graph.node
                     if n.op_type in ("QuantizeLinear", "DequantizeLinear")
@@ -449,6 +454,22 @@ def onnx_macs_params(path: Path) -> tuple[int | None, int]:
     return (macs if macs > 0 else None), params
 
 
+def load_onnx(path: Path, *, external_data: bool = True) -> Any:
+    """onnx.load, with a truncated or foreign file reported as the user's input (exit 2) rather
+    than protobuf's DecodeError escaping as a crash."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DecodeError, ValueError, ...: all mean "unreadable"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"{path.name} is not a readable ONNX model (truncated or corrupt?): "
+                         f"{type(exc).__name__}: {first}", file=path,
+                         hint="re-export or re-copy the file") from None
+
+
 def artifact_precision(path: Path) -> str:
     """fp32, fp16 or int8, read from the graph (quantisation ops or weight types), for artifacts
     given by path whose name does not say."""
@@ -459,7 +480,7 @@ def artifact_precision(path: Path) -> str:
         return "fp16" if 'element_type="f16"' in text else "fp32"
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_onnx(path, external_data=False)
     ops = {n.op_type for n in model.graph.node}
     if ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul",
               "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}:

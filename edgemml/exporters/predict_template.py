@@ -21,6 +21,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+# Importing preprocess.py must not write __pycache__/ into the bundle: its files are listed, with
+# their sha256, in manifest.json, and edgemml re-runs a stage whose output folder changed.
+sys.dont_write_bytecode = True
 
 import numpy as np  # noqa: E402
 
@@ -140,10 +143,23 @@ def self_check(manifest: dict, spec: dict, labels: list[str], files: list[str],
     return 1 if failures else 0
 
 
+def read_labels(manifest: dict) -> list[str]:
+    """labels.txt, one name per "\n"-terminated line (str.splitlines() would also split on U+2028
+    and other separators), checked against the class list in manifest.json."""
+    labels = (HERE / manifest["labels"]).read_text(encoding="utf-8").split("\n")
+    if labels and labels[-1] == "":
+        labels.pop()
+    classes = manifest.get("classes")
+    if classes is not None and labels != classes:
+        raise SystemExit(f"error: {manifest['labels']} ({len(labels)} lines) does not match the "
+                         f"{len(classes)} classes in manifest.json (corrupted or edited)")
+    return labels
+
+
 def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((HERE / "manifest.json").read_text(encoding="utf-8"))
     spec = json.loads((HERE / manifest["preprocess"]).read_text(encoding="utf-8"))
-    labels = (HERE / manifest["labels"]).read_text(encoding="utf-8").splitlines()
+    labels = read_labels(manifest)
     parser = argparse.ArgumentParser(description="Classify images with this bundle's model.")
     parser.add_argument("images", nargs="*", help="image files or folders")
     parser.add_argument("--model", default=manifest["default_model"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -165,10 +166,34 @@ def save_model(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
     spec = spec.model_copy(update={"layer_shapes": layers, "param_shapes": params})
     # Clone: safetensors refuses shared or non-contiguous storage (tied weights, views).
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(folder / MODEL_WEIGHTS,
-                  lambda tmp: save_file(state, tmp, metadata={"format": "pt", "edgemml": "model"}))
+    def write_weights(tmp: str) -> None:
+        save_file(state, tmp, metadata={"format": "pt", "edgemml": "model"})
+        _sort_metadata(tmp)
+
+    _atomic_write(folder / MODEL_WEIGHTS, write_weights)
     text = spec_to_json(spec)
     _atomic_write(folder / MODEL_SPEC, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _sort_metadata(path: str) -> None:
+    """Sort the `__metadata__` keys of a safetensors file in place.
+
+    safetensors writes them from a Rust HashMap, whose order changes from one process to the next:
+    the same weights saved twice gave different bytes, so every stage after them re-ran. The
+    header is JSON padded with spaces to its recorded length; the sorted one has the same length.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        if not isinstance(meta, dict):
+            return
+        header = {"__metadata__": dict(sorted(meta.items())), **header}
+        data = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(data) > n:  # cannot happen for the same content; never corrupt the file
+            return
+        f.seek(8)
+        f.write(data + b" " * (n - len(data)))
 
 
 def spec_to_json(spec: ModelSpec) -> str:

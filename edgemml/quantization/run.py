@@ -171,7 +171,7 @@ def _quantize_ov(ctx: StageContext, config: QuantizeConfig, fp32: Path, calib: n
                  report: dict[str, Any]) -> Path:
     import openvino as ov
 
-    from edgemml.exporters.openvino import IR_XML
+    from edgemml.exporters.openvino import IR_XML, save_ir
     from edgemml.quantization.ov import (OvSettings, float_layers, quantize_ov,
                                          quantize_ov_with_budget)
 
@@ -190,7 +190,7 @@ def _quantize_ov(ctx: StageContext, config: QuantizeConfig, fp32: Path, calib: n
         return top1(run_openvino(compiled, x), y) or 0.0
 
     q = quantize_ov(model, calib, settings)
-    ov.save_model(q, str(out_dir / IR_XML), compress_to_fp16=False)
+    save_ir(q, out_dir / IR_XML, compress_to_fp16=False)
     compiled, precision = openvino_compiled(out_dir / IR_XML, precision="f32")
     logits = run_openvino(compiled, val_x)
     acc = top1(logits, val_y)
@@ -204,7 +204,7 @@ def _quantize_ov(ctx: StageContext, config: QuantizeConfig, fp32: Path, calib: n
                                     max_drop_pp=budget, max_float_layers=config.max_float_layers,
                                     accuracy=accuracy)
         shutil_rm(out_dir)
-        ov.save_model(q, str(out_dir / IR_XML), compress_to_fp16=False)
+        save_ir(q, out_dir / IR_XML, compress_to_fp16=False)
         compiled, precision = openvino_compiled(out_dir / IR_XML, precision="f32")
         logits = run_openvino(compiled, val_x)
         acc = top1(logits, val_y)

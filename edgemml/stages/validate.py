@@ -144,6 +144,8 @@ class ValidateStage(Stage[ValidateConfig]):
             raise StageError(f"the model's classes ({', '.join(plan.classes[:12])}) differ from "
                              f"the data's ({', '.join(classes[:12])})", key="data",
                              hint="validate on data with the label set the model was trained on")
+        if plan.bundle is not None:
+            _check_bundle_labels(plan.bundle[1], classes)
         entries = _Evaluator(ctx, config, dataset, classes).run_all(plan.items)
         baseline = _load_baseline(ctx, config)
         report = _build_report(ctx, config, plan, dataset, classes, preprocess, entries, baseline)
@@ -389,6 +391,7 @@ class _Evaluator:
 
         cfg = self.config
         pred = self._predictor(item)
+        _check_input_shape(item, pred.input_shape, self.shape, self.dataset.spec)
         logits, labels = ev.predict(pred, self.dataset, batch_size=cfg.batch_size)
         if logits.shape[1] != len(self.classes):
             raise StageError(f"{item.name} outputs {logits.shape[1]} values per sample but the data "
@@ -437,6 +440,30 @@ class _Evaluator:
             "diversity": ev.output_diversity(logits, labels), "latency": latency,
             "compute": compute, "passed": None, "recommended": False, "notes": notes,
         }
+
+
+def _check_input_shape(item: _Item, declared: tuple[int | None, ...] | None,
+                       actual: tuple[int, ...], spec: dict[str, Any]) -> None:
+    """The model's declared input (rank, channels, a static size) must be what the preprocessing
+    makes, or the runtime fails mid-measurement with its own words: say which setting differs."""
+    if item.spec is not None:  # a torch model: its recorded input channels
+        channel_axis = 1 if spec.get("layout", "NCHW") == "NCHW" else -1
+        declared = tuple(None if i != channel_axis % len(actual) else item.spec.in_chans
+                         for i in range(len(actual)))
+    if declared is None:
+        return
+    fits = len(declared) == len(actual) and all(
+        d is None or d == a for d, a in zip(declared[1:], actual[1:]))
+    if fits:
+        return
+    shown = "[" + ", ".join("N" if i == 0 or d is None else str(d)
+                            for i, d in enumerate(declared)) + "]"
+    raise InputError(
+        f"{item.name} takes input {shown}, but the preprocessing makes "
+        f"[N, {', '.join(map(str, actual[1:]))}] (channels: {spec.get('channels')}, size: "
+        f"{list(spec.get('size', []))}, layout: {spec.get('layout')})", file=item.path,
+        key="preprocess",
+        hint="set preprocess: (channels, size, layout) to what the model was exported with")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -576,6 +603,30 @@ def _build_report(ctx: StageContext, config: ValidateConfig, plan: _Plan, datase
             "pipeline": baseline.get("pipeline"), "status": baseline.get("status")},
         "stages": stages, "curves": curves, "bundle": None,
     }
+
+
+def _check_bundle_labels(folder: Path, classes: list[str]) -> None:
+    """The names a bundle prints come from its labels.txt, read the way its predict.py reads it:
+    they must be the classes measured here, in order, or every figure is right and every printed
+    label wrong."""
+    from edgemml.exporters.bundle import read_labels
+
+    manifest = read_json(folder / "manifest.json")
+    name = manifest.get("labels") if isinstance(manifest, dict) else None
+    path = folder / str(name or "labels.txt")
+    if not path.is_file():
+        if name is None:
+            return  # a bundle made elsewhere that prints no names
+        raise InputError(f"the bundle's manifest names {name}, which is missing", file=folder,
+                         hint="re-export the bundle (edgemml run ... --from export)")
+    labels = read_labels(path)
+    if labels != classes:
+        diff = next((i for i, (a, b) in enumerate(zip(labels, classes)) if a != b),
+                    min(len(labels), len(classes)))
+        raise InputError(f"{name} has {len(labels)} names, which differ from the {len(classes)} "
+                         f"classes validated from line {diff + 1} on (predict.py would print "
+                         f"wrong labels)", file=path,
+                         hint="re-export the bundle (edgemml run ... --from export)")
 
 
 def _bundle_manifest(ctx: StageContext, plan: _Plan, report: dict[str, Any]) -> Path | None:
