@@ -556,8 +556,8 @@ class Runner:
                 continue  # another process is replacing that folder right now
             shutil.rmtree(entry)
             self.reporter.event("message", stage="run", message=(
-                f"removed {entry.name}, left by an interrupted run of a stage this pipeline no "
-                f"longer has under that name"))
+                f"removed {entry.name}, left by an interrupted run (no stage of this pipeline "
+                f"resumes it)"))
 
     def _internal_error(self, what: str, exc: BaseException) -> InternalError:
         """A bug in edgemml (exit 3): the traceback goes to the run folder's error.log."""

@@ -19,30 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, read_calls, run_cli, write
-
-PIPELINE = """
-name: toy
-plugins: [engine_stages]
-stages:
-  - type: toy_source
-    value: 3
-  - name: double
-    type: toy_scale
-    factor: 2
-  - name: triple
-    type: toy_scale
-    factor: 3
-"""
-
-
-@pytest.fixture
-def project(tmp_path: Path, calls_file: Path) -> tuple[Path, dict[str, str]]:
-    write(tmp_path / "pipeline.yaml", PIPELINE)
-    return tmp_path, cli_env({"EDGEMML_TEST_CALLS": str(calls_file)})
-
-
-def _explain(proc: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+from test_cli_engine import PIPELINE, _explain, _start_and_kill_during, project  # noqa: F401
 
 
 def _user_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -80,6 +57,9 @@ def test_a_folder_edgemml_did_not_create_is_refused_untouched(project):
                        ("/", "root of the file system")):
         for command in ("run", "check"):
             _user_error(run_cli(command, "pipeline.yaml", "--out", out, cwd=root, env=env), words)
+    write(root / "file.yaml", PIPELINE.replace("name: toy", "name: toy\noutput_dir: afile"))
+    for command in ("run", "check"):  # check used to call this file valid
+        _user_error(run_cli(command, "file.yaml", cwd=root, env=env), "afile is a file, not a folder")
     assert (root / "afile").read_text() == "x" and sorted(os.listdir("/")) == top
 
     home = root / "home"
@@ -259,17 +239,7 @@ def test_a_killed_stage_that_does_not_resume_starts_clean(project, calls_file):
     """toy_scale's work is not idempotent (it creates a folder, as copytree does): the work folder
     a SIGKILL left must be discarded, not reused (it used to fail with FileExistsError, exit 3)."""
     root, env = project
-    started = root / "started.txt"
-    env = dict(env, EDGEMML_TEST_STARTED=str(started))
-    proc = subprocess.Popen([sys.executable, "-m", "edgemml.cli", "run", "pipeline.yaml",
-                             "--set", "stages.double.sleep_s=60"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not (started.exists() and started.read_text() == "double"):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait(timeout=30)
+    _start_and_kill_during(project, "double", ["--set", "stages.double.sleep_s=60"])
     assert (root / "runs/toy/.02-double.partial/copied").is_dir()
     for args in ([], ["--from", "double"]):
         again = run_cli("run", "pipeline.yaml", *args, cwd=root, env=env)
