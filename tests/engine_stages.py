@@ -98,11 +98,13 @@ class ToyScale(Stage[ToyScaleConfig]):
             with open(ctx.path("model/blob.bin"), "wb") as f:
                 for _ in range(config.write_mb):
                     f.write(b"\0" * (1 << 20))
-        if config.sleep_s:
+        # EDGEMML_TEST_PAUSE=<stage name> pauses like sleep_s, without changing the fingerprint
+        pause = 60.0 if os.environ.get("EDGEMML_TEST_PAUSE") == ctx.name else config.sleep_s
+        if pause:
             marker = os.environ.get("EDGEMML_TEST_STARTED")
             if marker:
                 Path(marker).write_text(ctx.name)
-            time.sleep(config.sleep_s)
+            time.sleep(pause)
         result = value * config.factor
         out = ctx.path("model/value.txt")
         out.write_text(str(result))

@@ -239,11 +239,13 @@ def test_a_killed_stage_that_does_not_resume_starts_clean(project, calls_file):
     """toy_scale's work is not idempotent (it creates a folder, as copytree does): the work folder
     a SIGKILL left must be discarded, not reused (it used to fail with FileExistsError, exit 3)."""
     root, env = project
-    _start_and_kill_during(project, "double", ["--set", "stages.double.sleep_s=60"])
+    paused = (root, dict(env, EDGEMML_TEST_PAUSE="double"))  # the same fingerprint as a plain run
+    _start_and_kill_during(paused, "double", [])
     assert (root / "runs/toy/.02-double.partial/copied").is_dir()
     for args in ([], ["--from", "double"]):
         again = run_cli("run", "pipeline.yaml", *args, cwd=root, env=env)
         assert again.returncode == 0, _explain(again)
+        assert "resuming from an interrupted attempt" not in again.stderr
     assert (root / "runs/toy/03-triple/model/value.txt").read_text() == "18"
 
 
