@@ -132,7 +132,8 @@ def run_dir_problem(run_dir: Path) -> str | None:
         entries = sorted(os.listdir(run_dir))
     except OSError as exc:
         return f"cannot list {run_dir}: {exc.strerror}"
-    if not entries or is_run_manifest(run_dir / RUN_MANIFEST) or _only_early_files(run_dir, entries):
+    if not entries or is_run_manifest(run_dir / RUN_MANIFEST) or \
+            _only_early_files(run_dir, entries):
         return None
     shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
     return (f"{run_dir} is not an edgemml run folder (it holds {shown} and no edgemml "

@@ -703,8 +703,9 @@ class Runner:
                                           fp, metrics or {}))
 
     def _manifest_base(self) -> dict[str, Any]:
-        return {"format": RUN_FORMAT, "schema": RECORD_SCHEMA, "pipeline": self.pipeline.config.name,
-                "pipeline_file": str(self.pipeline.path), "edgemml": __version__, "stages": []}
+        return {"format": RUN_FORMAT, "schema": RECORD_SCHEMA,
+                "pipeline": self.pipeline.config.name, "pipeline_file": str(self.pipeline.path),
+                "edgemml": __version__, "stages": []}
 
     def _manifest_entry(self, item: PlannedStage, fp: str | None, status: str) -> dict[str, Any]:
         return {"name": item.name, "type": item.config.type, "dir": item.dir_name,

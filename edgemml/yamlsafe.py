@@ -92,7 +92,8 @@ def read_yaml_text(path: Path, what: str = "pipeline file") -> str:
     except OSError as exc:
         raise os_error(exc, path, doing=f"read the {what}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{what} {path} is not a regular file", hint="give the path of a YAML file")
+        raise InputError(f"{what} {path} is not a regular file",
+                         hint="give the path of a YAML file")
     if st.st_size > MAX_PIPELINE_BYTES:
         raise ConfigError(f"{what} is {st.st_size / 1e6:.1f} MB; the limit is "
                           f"{MAX_PIPELINE_BYTES / 1e6:.1f} MB", file=str(path),

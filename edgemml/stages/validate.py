@@ -623,9 +623,9 @@ def _check_bundle_labels(folder: Path, classes: list[str]) -> None:
     if labels != classes:
         diff = next((i for i, (a, b) in enumerate(zip(labels, classes)) if a != b),
                     min(len(labels), len(classes)))
-        raise InputError(f"{name} has {len(labels)} names, which differ from the {len(classes)} "
-                         f"classes validated from line {diff + 1} on (predict.py would print "
-                         f"wrong labels)", file=path,
+        raise InputError(f"{path.name} has {len(labels)} names, which differ from the "
+                         f"{len(classes)} classes validated from line {diff + 1} on (predict.py "
+                         f"would print wrong labels)", file=path,
                          hint="re-export the bundle (edgemml run ... --from export)")
 
 
