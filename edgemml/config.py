@@ -20,13 +20,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from edgemml.errors import ConfigError
-from edgemml.yamlsafe import YamlLimit, compose, read_yaml_text
+from edgemml.yamlsafe import YamlLimit, compose
 
 
 class StrictModel(BaseModel):
@@ -463,7 +462,7 @@ def _first_model(ann: Any) -> type[BaseModel] | None:
     return None
 
 
-class _ErrorContext:
+class ErrorContext:
     """Turns pydantic errors into `file:LINE: dotted.key: message` with a did-you-mean hint."""
 
     def __init__(self, file: str, lines: dict[tuple[Any, ...], int],
@@ -533,127 +532,3 @@ class _ErrorContext:
         err = ConfigError(text, hint="; ".join(hints) or None)
         err.error_line, err.error_key = first_line, first_key  # type: ignore[attr-defined]
         raise err
-
-
-def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> LoadedPipeline:
-    """Read, override and validate a pipeline file. Every problem raises ConfigError with the line."""
-    from edgemml import stages as stage_registry  # registry: light, no torch import
-
-    path = Path(path)
-    file = str(path)
-    raw, lines = parse_yaml(read_yaml_text(path), file)
-    if not isinstance(raw, dict):
-        raise ConfigError("a pipeline file must be a mapping with name and stages", file=file, line=1)
-    origins = apply_overrides(raw, list(overrides or []))
-    ctx = _ErrorContext(file, lines, origins)
-
-    try:
-        top = PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        ctx.raise_for(exc, PipelineConfig, (), "")
-        raise  # unreachable
-
-    for plugin in top.plugins:
-        stage_registry.import_plugin(plugin, file=file, line=ctx.line_for(("plugins",)))
-
-    shared_raw = {k: raw.get(k) for k in _SHARED_MERGE_KEYS if isinstance(raw.get(k), dict)}
-    configs: list[StageConfig] = []
-    for i, item in enumerate(raw["stages"]):
-        where = ("stages", i)
-        if not isinstance(item, dict):
-            raise ConfigError("each stage must be a mapping with a type", file=file,
-                              line=ctx.line_for(where), key=f"stages[{i}]")
-        stype = item.get("type")
-        if not isinstance(stype, str):
-            raise ConfigError("stage has no type", file=file, line=ctx.line_for(where),
-                              key=f"stages[{i}]",
-                              hint=f"add `type:` with one of: {', '.join(stage_registry.names())}")
-        try:
-            stage_cls = stage_registry.get(stype)
-        except KeyError:
-            known = stage_registry.names()
-            hint = _did_you_mean(stype, known)
-            raise ConfigError(f"unknown stage type {stype!r} (known: {', '.join(known)})",
-                              file=file, line=ctx.line_for(where + ("type",)),
-                              key=f"stages[{i}].type", hint=hint) from None
-        merged = dict(item)
-        for key, shared in shared_raw.items():
-            if key in stage_cls.Config.model_fields:
-                own = item.get(key)
-                merged[key] = _deep_merge(shared, own) if isinstance(own, dict) else (
-                    own if own is not None else copy.deepcopy(shared))
-        try:
-            cfg = stage_cls.Config.model_validate(merged)
-        except ValidationError as exc:
-            ctx.raise_for(exc, stage_cls.Config, where, f"stages[{i}].{stype}",
-                          fallback_prefix=())
-            raise
-        configs.append(cfg)
-
-    _check_stage_graph(configs, file, ctx)
-    _check_architectures(top, configs, file, ctx)
-    return LoadedPipeline(top, configs, path, raw)
-
-
-def _model_configs(model: BaseModel, path: tuple[Any, ...]) -> list[tuple[tuple[Any, ...],
-                                                                          ModelConfig]]:
-    """(key path, ModelConfig) of every model section inside a validated config."""
-    found: list[tuple[tuple[Any, ...], ModelConfig]] = []
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
-        for i, item in items:
-            where = path + ((name,) if i is None else (name, i))
-            if isinstance(item, ModelConfig):
-                found.append((where, item))
-            elif isinstance(item, BaseModel):
-                found += _model_configs(item, where)
-    return found
-
-
-def _check_architectures(top: PipelineConfig, configs: list[StageConfig], file: str,
-                         ctx: _ErrorContext) -> None:
-    """Refuse, at load time (so `edgemml check` does too), an architecture torchvision does not
-    have: `run` would refuse it only when the stage builds the model."""
-    found = [(("model",), "model", top.model)] if top.model is not None else []
-    for i, cfg in enumerate(configs):
-        found += [(("stages", i) + p, f"stages[{i}].{cfg.type}" + "".join(
-            f"[{k}]" if isinstance(k, int) else f".{k}" for k in p), m)
-            for p, m in _model_configs(cfg, ())]
-    found = [f for f in found if f[2].arch is not None]
-    if not found:
-        return
-    known = known_architectures()
-    for where, key, model in found:
-        if canonical_arch(str(model.arch)) not in known:
-            hint = _did_you_mean(canonical_arch(str(model.arch)), known)
-            raise ConfigError(f"unknown architecture {model.arch!r}: not one of torchvision's "
-                              f"{len(known)} classification models",
-                              file=file, line=ctx.line_for(where + ("arch",)), key=f"{key}.arch",
-                              hint=(hint + " " if hint else "") + "or use model.python: "
-                              "package.module:factory for your own architecture")
-
-
-def _check_stage_graph(configs: list[StageConfig], file: str, ctx: _ErrorContext) -> None:
-    from edgemml import stages as stage_registry
-
-    seen: list[str] = []
-    for i, cfg in enumerate(configs):
-        name = stage_name(cfg)
-        if name in seen:
-            raise ConfigError(f"stage name {name!r} is used twice", file=file,
-                              line=ctx.line_for(("stages", i)), key=f"stages[{i}].name",
-                              hint="give each stage a unique `name:`")
-        stage_cls = stage_registry.get(cfg.type)
-        for ref_key, ref in stage_cls.references(cfg):
-            if ref not in seen:
-                hint = _did_you_mean(ref, seen)
-                later = ref in [stage_name(c) for c in configs[i:]]
-                msg = (f"refers to stage {ref!r}, which comes later; a stage can only read earlier "
-                       f"stages" if later else f"refers to unknown stage {ref!r}")
-                raise ConfigError(msg, file=file,
-                                  line=ctx.line_for(("stages", i) + tuple(
-                                      int(k) if k.isdigit() else k for k in ref_key.split("."))),
-                                  key=f"stages[{i}].{cfg.type}.{ref_key}",
-                                  hint=hint or (f"earlier stages: {', '.join(seen)}" if seen else None))
-        seen.append(name)
