@@ -191,9 +191,9 @@ def plot_robustness(report: dict[str, Any]) -> str | None:
             ax2.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
     ax1.set_xlabel("attack budget eps (grey levels of 255; x = PGD, line = FGSM)")
     ax1.set_ylabel("top-1 accuracy (%)")
-    ax1.set_title("accuracy vs eps (transfer from torch for non-torch artifacts)")
+    ax1.set_title("accuracy vs eps (others replay torch's: transfer)", fontsize=10)
     ax2.set_xlabel("corruption severity (0 = clean)")
-    ax2.set_title("accuracy vs severity (mean over corruptions)")
+    ax2.set_title("accuracy vs corruption severity (mean)", fontsize=10)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.set_ylim(0, 102)

@@ -162,11 +162,15 @@ def robustness_gap_table(report: Report) -> Table | None:
     gaps = (report.get("robustness") or {}).get("gaps") or []
     if not gaps:
         return None
-    table = Table(["comparison", "artifact", "vs", "inputs", "clean (pp)", "worst drop (pp)",
-                   "on"], "llllrrl")
+    table = Table(["comparison", "artifact", "vs", "inputs", "drop on clean (pp)",
+                   "worst drop (pp)", "on"], "llllrrl")
+
+    def pp(value: float | None) -> Cell:
+        return Cell("-" if value is None else f"{value:.1f}")
+
     for g in gaps:
         table.rows.append([Cell(g["kind"]), Cell(g["artifact"], strong=True), Cell(g["baseline"]),
-                           Cell(g["inputs"]), _num(g.get("clean_pp")), _num(g.get("worst_pp")),
+                           Cell(g["inputs"]), pp(g.get("clean_pp")), pp(g.get("worst_pp")),
                            Cell(g.get("worst_set") or "-", code=bool(g.get("worst_set")))])
     return table
 

@@ -39,9 +39,12 @@ def _snap(adv: Any, clean: Any, eps: float) -> Any:
 class WhiteBox:
     """A torch model seen from pixel space, with the loss the attacks ascend."""
 
-    def __init__(self, model: Any, space: PixelSpace, *, batch_size: int = 64) -> None:
+    def __init__(self, model: Any, space: PixelSpace, *, batch_size: int = 64,
+                 threads: int | None = None) -> None:
         import torch
 
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)  # set once: switching rebuilds the OpenMP pool
         self.torch, self.model, self.space = torch, model.eval(), space
         self.batch_size = batch_size
 

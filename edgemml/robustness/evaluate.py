@@ -52,6 +52,8 @@ class Settings:
     batch_size: int = 64
     #: snap adversarial pixels to whole grey levels (None: when the inputs came from 8-bit images)
     quantize: bool | None = None
+    #: torch threads of the attacks (None: leave torch's setting as it is)
+    threads: int | None = None
 
 
 @dataclass
@@ -174,7 +176,8 @@ def measure(members: Sequence[Member], chunks: Iterable[tuple[np.ndarray, np.nda
     samples each (preprocessed float32 in the model's layout, labels as class indices)."""
     clock = _Clock()
     specs = set_specs(settings)
-    crafters = {m.name: WhiteBox(m.model, space, batch_size=settings.batch_size)
+    crafters = {m.name: WhiteBox(m.model, space, batch_size=settings.batch_size,
+                                 threads=settings.threads)
                 for m in members if m.model is not None}
     source = {m.name: (m.name if m.model is not None else
                        m.source if m.source in crafters else None) for m in members}

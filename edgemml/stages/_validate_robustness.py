@@ -104,6 +104,11 @@ class RobustnessConfig(StrictModel):
                                 "validate's samples (stratified, seeded; null: all). Cost is "
                                 "linear in it: PGD runs steps forward+backward passes per sample.")
     batch_size: int = Field(64, ge=1, description="Batch of the gradient passes and replays.")
+    threads: int | None = Field(
+        1, ge=1, description="Threads of the attack and the replays (null: validate's `threads`). "
+        "Nothing here is timed, so this changes no figure, only the cost: on a shared 2-core "
+        "machine, 2 torch threads made the default pass ~10x slower (325 s vs 34 s of CPU: OpenMP "
+        "threads of the backward passes spin waiting for each other).")
     unpruned: bool = Field(True, description="When the reference comes from a prune stage, also "
                            "attack the model it pruned (pruned vs unpruned).")
 
@@ -168,13 +173,14 @@ def run_robustness(ctx: StageContext, config: ValidateConfig, plan: Plan, datase
     if unpruned is not None and extra:
         subjects.append(unpruned)
     torch_names = {s.name for s in subjects if s.model is not None}
+    threads = cfg.threads or config.threads
     members = []
     for s in subjects:
         if s.model is not None:
             ref = unpruned.name if unpruned is not None and s.name == plan.primary else None
         else:
             ref = s.reference
-        members.append(rb.Member(s.name, open_subject(s, config.threads), model=s.model,
+        members.append(rb.Member(s.name, open_subject(s, threads), model=s.model,
                                  source=s.reference if s.reference in torch_names else None,
                                  reference=ref))
     settings = rb.Settings(
@@ -183,7 +189,7 @@ def run_robustness(ctx: StageContext, config: ValidateConfig, plan: Plan, datase
         pgd_step_size=cfg.pgd.step_size if cfg.pgd else None,
         pgd_random_start=cfg.pgd.random_start if cfg.pgd else True,
         corruptions=tuple(cfg.corruptions), severities=tuple(cfg.severity), table=cfg.table,
-        seed=ctx.seed, batch_size=cfg.batch_size)
+        seed=ctx.seed, batch_size=cfg.batch_size, threads=threads)
     samples = Samples(dataset, rb.CHUNK)
     labels = samples.labels
     chunks = ((x, labels[i * rb.CHUNK:i * rb.CHUNK + len(x)])
@@ -197,13 +203,20 @@ def run_robustness(ctx: StageContext, config: ValidateConfig, plan: Plan, datase
     gaps = [rb.gap(results[a], results[b], "int8 vs fp32") for a, b in _int8_twins(subjects)]
     if unpruned is not None and plan.primary in results:
         gaps.insert(0, rb.gap(results[plan.primary], results[unpruned.name], "pruned vs unpruned"))
-    n_sets = len(run.sets)
-    ctx.log(f"robustness: {n_sets} sets x {len(members)} models on {run.n} samples in "
+    ctx.log(f"robustness: {len(run.sets)} sets x {len(members)} models on {run.n} samples in "
             f"{wall:.1f} s wall, {cpu:.1f} s CPU")
+    drops = [(r.worst()["worst_drop_pp"], name, r.worst()["worst_drop_set"])
+             for name, r in results.items() if r.reference is not None]
+    drops = [d for d in drops if d[0] is not None]
+    if drops:
+        drop, name, key = max(drops)
+        ctx.highlight(f"robustness: largest drop below the reference {drop:.1f} points "
+                      f"({name} on {key}; non-torch artifacts replay the torch model's "
+                      f"adversarial inputs: a transfer attack)")
     section = {
         "attack": "white-box on each torch model; every other artifact replays the inputs crafted "
                   "on the torch model it was made from (a transfer attack)",
-        "settings": {**cfg.model_dump(mode="json"), "seed": ctx.seed, "threads": config.threads},
+        "settings": {**cfg.model_dump(mode="json"), "seed": ctx.seed, "threads": threads},
         "n": run.n, "table": run.table, "sets": run.sets,
         "timing": {"wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
                    "phases": {k: {kk: round(vv, 3) for kk, vv in v.items()}
