@@ -158,7 +158,8 @@ def test_secure_reduced(tmp_path: Path):
     out = tmp_path / "secure"
     quick = [f"stages.export.bundle.sign.key={key}", "stages.train.max_steps=120",
              "stages.prune.recover.max_steps=30", "stages.quantize.calibration.samples=64",
-             "stages.validate.gates.torch.min_top1=50", "stages.validate.latency.runs=10",
+             "stages.validate.gates.torch={min_top1: 50, max_robust_drop: 100}",
+             "stages.validate.latency.runs=10",
              "stages.validate.robustness={samples: 120, pgd: {steps: 3}, severity: [1, 5]}"]
     proc = _run("secure.yaml", out, *quick)
     assert proc.returncode in (0, 1), _explain(proc)  # robust gates may fail on a short training
