@@ -267,6 +267,47 @@ def compare_command(run_a: Path, run_b: Path, as_json: bool) -> None:
         _out.print("no gate changed status")
 
 
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", "public_key", type=click.Path(dir_okay=False, path_type=Path),
+              help="The signer's ed25519 public key (PEM, or an OpenSSH ssh-ed25519 line): the "
+                   "signature must verify. Without it only the file hashes are checked.")
+def verify_command(bundle: Path, public_key: Path | None) -> None:
+    """Check a bundle: every file matches manifest.json, nothing extra, and with --key the
+    signature. Exit 0 verified, 1 refused (names the file), 2 cannot check."""
+    from edgemml.exporters.signing import verify_bundle
+
+    _out.print(escape(verify_bundle(bundle, public_key).summary()), soft_wrap=True)
+
+
+@cli.command("keygen")
+@click.argument("private_key", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--public", "public_key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the public key (default: KEY with .pub.pem).")
+def keygen_command(private_key: Path, public_key: Path | None) -> None:
+    """Write a new ed25519 key pair for signing bundles (private key mode 0600, encrypted with
+    $EDGEMML_SIGN_PASSPHRASE when set). Never overwrites a key."""
+    from edgemml.exporters.signing import PASSPHRASE_ENV, generate_keypair
+
+    passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
+    priv, pub, kid = generate_keypair(private_key, public_key, passphrase=passphrase)
+    _out.print(escape(f"new key {kid}: private {priv} (keep it secret, out of version control), "
+                      f"public {pub} (give it to whoever verifies)"), soft_wrap=True)
+
+
+@cli.command("sign")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", "private_key", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="ed25519 private key (PEM).")
+def sign_command(bundle: Path, private_key: Path) -> None:
+    """Sign a bundle made earlier (e.g. in a CI job that holds the key): its files are checked
+    against manifest.json first, then manifest.sig is written."""
+    from edgemml.exporters.signing import sign_bundle, signing_key_id
+
+    path = sign_bundle(bundle, private_key)
+    _out.print(escape(f"{path}: signed with {signing_key_id(private_key)}"), soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the click group, map errors to exit codes without tracebacks."""
     args = list(sys.argv[1:] if argv is None else argv)

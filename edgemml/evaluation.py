@@ -163,7 +163,8 @@ def measure(subject: Subject, runner: runtimes.Runner, samples: Samples, classes
         "latency": lat.as_dict(),  # type: ignore[typeddict-item]
         "compute": achieved_compute(n_macs, lat, "int8" if subject.precision == "int8"
                                     else "fp32", peaks),
-        "io": runner.io, "passed": None, "recommended": False, "notes": notes}
+        "io": runner.io, "passed": None, "recommended": False, "notes": notes,
+        "robustness": None}  # filled by validate's robustness pass when configured
     return Measured(entry, logits)
 
 

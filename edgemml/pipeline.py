@@ -166,7 +166,7 @@ def fingerprint_inputs(item: PlannedStage, pipeline: LoadedPipeline,
         # its cache, and the bytes, not the place, decide
         key = Path(os.path.relpath(os.path.abspath(p), os.path.abspath(base))).as_posix()
         data_files[key] = data_hashes.digest(p)
-    return {
+    out: dict[str, Any] = {
         "type": item.config.type,
         "stage_version": item.stage_cls.version,
         "code": code_hash(item.stage_cls),
@@ -182,6 +182,10 @@ def fingerprint_inputs(item: PlannedStage, pipeline: LoadedPipeline,
         "inputs": {dep: record_hashes[dep] for dep in item.deps},
         "data_files": data_files,
     }
+    extra = item.stage_cls.fingerprint_extra(item.config, pipeline)
+    if extra:  # absent when empty, so adding the hook left every existing cache valid
+        out["extra"] = extra
+    return out
 
 
 def fingerprint_of(inputs: dict[str, Any]) -> str:
@@ -211,11 +215,12 @@ def explain_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     labels = {"config": "config changed", "shared": "shared section changed",
               "inputs": "input changed", "data_files": "data changed", "code": "stage code changed",
               "versions": "library version changed", "stage_version": "stage version changed",
-              "edgemml": "edgemml version changed", "type": "stage type changed"}
+              "edgemml": "edgemml version changed", "type": "stage type changed",
+              "extra": "changed"}
     first = diffs[0]
     head = first.split(".")[0]
     detail = first.split(".", 1)[1] if "." in first else first
-    if head in ("config", "shared"):
+    if head in ("config", "shared", "extra"):
         detail = f"{detail} {_short(a.get(first, '∅'))} -> {_short(b.get(first, '∅'))}"
     elif head == "inputs":
         detail = detail.split(".")[0] + " re-ran with different output"

@@ -61,6 +61,13 @@ class GateLimits(StrictModel):
     min_throughput: float | None = Field(None, gt=0, description="Images/s at the batch size.")
     max_mparams: float | None = Field(None, gt=0, description="Parameters, millions.")
     max_mmacs: float | None = Field(None, gt=0, description="MACs per image, millions.")
+    min_robust_top1: float | None = Field(
+        None, ge=0, le=100, description="Worst top-1 over every adversarial and corrupted set of "
+        "validate's `robustness:` pass, percent.")
+    max_robust_drop: float | None = Field(
+        None, description="Largest drop below the reference under the same attack or corruption, "
+        "points (int8/ONNX/OpenVINO: vs the torch model on the same inputs; the pruned reference: "
+        "vs the unpruned model, each attacked white-box).")
     max_regression: RegressionLimits | None = Field(
         None, description="Limits relative to the same artifact in the `baseline` report.")
 
@@ -82,6 +89,13 @@ METRICS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "min_throughput": (("latency", "throughput_ips"), ">=", "img/s"),
     "max_mparams": (("mparams",), "<=", "M"),
     "max_mmacs": (("mmacs",), "<=", "M"),
+    "min_robust_top1": (("robustness", "worst_top1_pct"), ">=", "%"),
+    "max_robust_drop": (("robustness", "worst_drop_pp"), "<=", "pp"),
+}
+# metric -> where the entry says which case the figure comes from (shown with the gate's value)
+WHERE: dict[str, tuple[str, ...]] = {
+    "min_robust_top1": ("robustness", "worst_top1_set"),
+    "max_robust_drop": ("robustness", "worst_drop_set"),
 }
 
 # regression metric -> (path, direction where "worse" is higher(+1)/lower(-1), relative?, unit)
@@ -171,7 +185,9 @@ def evaluate_gates(entries: list[dict[str, Any]], gates: dict[str, dict[str, Any
                                         e.get("notes", {}) else "")))
                     continue
                 status = "pass" if _passes(float(value), op, float(limit)) else "fail"
-                rows.append(_row(gate, selector, e["name"], metric, op, limit, value, unit, status))
+                where = _get(e, WHERE[metric]) if metric in WHERE else None
+                rows.append(_row(gate, selector, e["name"], metric, op, limit, value, unit, status,
+                                 f"on {where}" if where else ""))
     return rows
 
 

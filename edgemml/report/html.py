@@ -1,7 +1,8 @@
 """report.html: one self-contained file (inline SVG plots, inline CSS, no network) with the figures.
 
 Plots: the accuracy / latency / size trade-off of every artifact (the choice the user makes), the
-per-stage timings, the training curves and the per-class accuracy. SVGs are rendered by matplotlib
+per-stage timings, the training curves, the per-class accuracy and, with validate's robustness
+pass, accuracy against the attack budget and the corruption severity. SVGs are rendered by matplotlib
 with a fixed hash salt and no date, so re-rendering the same report.json gives the same bytes.
 """
 
@@ -13,7 +14,9 @@ import json
 from typing import Any
 
 from edgemml.report.schema import Report
-from edgemml.report.tables import artifact_table, gate_table, to_html
+from edgemml.report.tables import (artifact_table, gate_table, robust_columns,
+                                   robustness_gap_table, robustness_notes, robustness_table,
+                                   to_html)
 
 _COLORS = {"torch": "#555555", "onnxruntime": "#1f77b4", "openvino": "#d62728"}
 _MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
@@ -154,6 +157,67 @@ def plot_per_class(report: dict[str, Any], max_classes: int = 40) -> str | None:
     return _svg(fig)
 
 
+def plot_robustness(report: dict[str, Any]) -> str | None:
+    """Top-1 against the attack budget (FGSM as a line from the clean accuracy at 0, PGD as a
+    cross) and against corruption severity (mean over the corruptions), one series per artifact."""
+    cols = robust_columns(report)  # type: ignore[arg-type]
+    if not cols:
+        return None
+    by_name = {a["name"]: a for a in report.get("artifacts", [])}
+    fig = _figure(10, 4.2)
+    ax1, ax2 = fig.subplots(1, 2)
+    for name, r in cols.items():
+        a = by_name.get(name, {"backend": "torch", "mode": "reference", "precision": "fp32"})
+        style = {"color": _COLORS.get(a["backend"], "#2ca02c"),
+                 "linestyle": "--" if a["mode"] == "exact" or name not in by_name else "-",
+                 "marker": _MARKERS.get(a["precision"], "o")}
+        sets = r["sets"]
+        clean = next((s["top1_pct"] for s in sets if s["kind"] == "clean"), None)
+        fgsm = sorted((s["param"] * 255, s["top1_pct"]) for s in sets
+                      if s["family"] == "fgsm" and s["top1_pct"] is not None)
+        if fgsm and clean is not None:
+            pts = [(0.0, clean), *fgsm]
+            ax1.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
+        for s in sets:
+            if s["family"] == "pgd" and s["top1_pct"] is not None:
+                ax1.scatter([s["param"] * 255], [s["top1_pct"]], marker="x", s=60,
+                            color=style["color"])
+        sev: dict[int, list[float]] = {}
+        for s in sets:
+            if s["kind"] == "corruption" and s["top1_pct"] is not None:
+                sev.setdefault(int(s["param"]), []).append(s["top1_pct"])
+        if sev and clean is not None:
+            pts = [(0, clean), *sorted((k, sum(v) / len(v)) for k, v in sev.items())]
+            ax2.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
+    ax1.set_xlabel("attack budget eps (grey levels of 255; x = PGD, line = FGSM)")
+    ax1.set_ylabel("top-1 accuracy (%)")
+    ax1.set_title("accuracy vs eps (others replay torch's: transfer)", fontsize=10)
+    ax2.set_xlabel("corruption severity (0 = clean)")
+    ax2.set_title("accuracy vs corruption severity (mean)", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.set_ylim(0, 102)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _svg(fig)
+
+
+def _robustness_html(report: Report) -> list[str]:
+    table = robustness_table(report)
+    if table is None:
+        return []
+    parts = ["<h2>Robustness</h2>"]
+    parts += [f"<p>{html.escape(note)}</p>" for note in robustness_notes(report)]
+    parts.append(to_html(table))
+    gaps = robustness_gap_table(report)
+    if gaps is not None:
+        parts.append(to_html(gaps))
+    svg = plot_robustness(report)  # type: ignore[arg-type]
+    if svg is not None:
+        parts.append(f'<figure class="plot" id="plot-robustness">{svg}</figure>')
+    return parts
+
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1100px;
 color:#222;padding:0 1em}
@@ -202,6 +266,7 @@ def render_html(report: Report) -> str:
         f"<p>Recommended (fastest artifact passing every gate): {rec_text or 'n/a'}</p>",
         "<h2>Gates</h2>", to_html(gates) if gates else "<p>No gates configured.</p>",
         "<h2>Artifacts</h2>", to_html(artifact_table(report)),
+        *_robustness_html(report),
     ]
     for pid, title, svg in plots:
         if svg is None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from edgemml.report.gates import fmt
 from edgemml.report.schema import Report
-from edgemml.report.tables import artifact_table, gate_table, stage_table, to_markdown
+from edgemml.report.tables import (artifact_table, gate_table, robustness_gap_table,
+                                   robustness_notes, robustness_table, stage_table, to_markdown)
 
 
 def render_markdown(report: Report) -> str:
@@ -42,6 +43,15 @@ def render_markdown(report: Report) -> str:
         out += [f"Reference `{ref.get('name')}` predicts {div.get('distinct_predictions')} distinct "
                 f"classes of {div.get('classes_in_labels')} present; most frequent prediction "
                 f"share {fmt(div.get('majority_share'))}.", ""]
+    robust = robustness_table(report)
+    if robust:
+        out += ["## Robustness", ""]
+        for note in robustness_notes(report):
+            out += [note, ""]
+        out += to_markdown(robust) + [""]
+        gaps = robustness_gap_table(report)
+        if gaps:
+            out += to_markdown(gaps) + [""]
     base = report.get("baseline")
     if base:
         out += [f"Baseline: `{base.get('path')}` (pipeline {base.get('pipeline')}, "

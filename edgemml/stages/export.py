@@ -52,6 +52,14 @@ class OpenVinoExportOptions(StrictModel):
         "ONNX artifact) or from the torch module directly.")
 
 
+class SignOptions(StrictModel):
+    """Sign the bundle: an ed25519 signature over manifest.json, whose table pins every file."""
+
+    key: Path = Field(..., description="ed25519 private key, PKCS#8 PEM (relative to the pipeline "
+                      "file; make one with `edgemml keygen KEY.pem`; passphrase, if any, from "
+                      "EDGEMML_SIGN_PASSPHRASE). Only its public key id enters stage.json.")
+
+
 class BundleOptions(StrictModel):
     """What goes into the deployable bundle."""
 
@@ -64,6 +72,10 @@ class BundleOptions(StrictModel):
     samples: int = Field(8, ge=0, le=1000, description="Held-out images shipped in samples/ with "
                          "the pipeline's predictions (for predict.py --self-check).")
     archive: bool = Field(True, description="Also write bundle.tar.gz.")
+    sign: SignOptions | None = Field(
+        None, description="Sign the bundle (manifest.sig); check it with `edgemml verify BUNDLE "
+        "--key KEY.pub.pem` or `predict.py --verify-key KEY.pub.pem`. Only the bundle is signed, "
+        "not the stage's other outputs.")
 
 
 class ExportConfig(StageConfig):
@@ -118,6 +130,20 @@ class ExportStage(Stage[ExportConfig]):
     def data_files(cls, config: ExportConfig, pipeline: LoadedPipeline) -> list[Path]:
         return stage_data_files(config, pipeline)
 
+    @classmethod
+    def fingerprint_extra(cls, config: ExportConfig, pipeline: LoadedPipeline) -> dict[str, Any]:
+        """The signing key enters the fingerprint by its public key id: another key re-signs the
+        bundle, and stage.json never holds the private key's bytes nor a hash of them."""
+        if config.bundle.sign is None:
+            return {}
+        from edgemml.errors import EdgemmlError
+        from edgemml.exporters.signing import signing_key_id
+
+        try:
+            return {"sign_key_id": signing_key_id(pipeline.resolve_path(config.bundle.sign.key))}
+        except EdgemmlError:  # missing or unreadable: the run says why, with the fix
+            return {"sign_key_id": "unreadable"}
+
     def run(self, ctx: StageContext, config: ExportConfig) -> dict[str, Path]:
         from edgemml import runtimes
         from edgemml.data.datasets import as_arrays, evenly_spaced
@@ -145,7 +171,7 @@ class ExportStage(Stage[ExportConfig]):
             data.test if len(data.test) else pool)
         outputs["bundle"] = bundle
         report["bundle"] = {"models": [m["file"] for m in models], "default_model": default,
-                            "samples": n_samples}
+                            "samples": n_samples, "signed_by": _sign(ctx, config, bundle)}
         if config.bundle.archive:
             from edgemml.exporters.bundle import write_archive
 
@@ -157,7 +183,32 @@ class ExportStage(Stage[ExportConfig]):
         ctx.highlight(f"bundle: {ctx.final_dir / BUNDLE} ({len(models)} models, default "
                       f"{default}); check it with: python {ctx.final_dir / BUNDLE}/predict.py "
                       f"--self-check")
+        if config.bundle.sign is not None:
+            from edgemml.exporters.signing import public_key_path
+
+            ctx.highlight(f"bundle signed by {report['bundle']['signed_by']}; verify it with: "
+                          f"edgemml verify {ctx.final_dir / BUNDLE} --key "
+                          f"{public_key_path(ctx.resolve(config.bundle.sign.key))}")
         return outputs
+
+
+def _sign(ctx: StageContext, config: ExportConfig, bundle: Path) -> str | None:
+    """manifest.sig, written after manifest.json and before the archive (which then carries it).
+    Returns the public key id, or None when the bundle is not signed."""
+    if config.bundle.sign is None:
+        return None
+    from edgemml.exporters.signing import sign_bundle, signing_key_id
+
+    key = ctx.resolve(config.bundle.sign.key)
+    try:
+        kid = signing_key_id(key)
+    except InputError as exc:
+        raise InputError(exc.message, file=exc.file, key="bundle.sign.key",
+                         hint=exc.hint if exc.hint and "keygen" not in exc.hint else
+                         f"make a key pair with: edgemml keygen {key}") from None
+    sign_bundle(bundle, key)
+    ctx.log(f"bundle signed with key {kid}")
+    return kid
 
 
 def _check(name: str, ref: np.ndarray, out: np.ndarray, tolerance: float) -> dict[str, Any]:

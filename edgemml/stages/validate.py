@@ -19,13 +19,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgemml.artifacts import read_json, sha256_file, write_json_atomic
 from edgemml.config import DataConfig, LoadedPipeline, PreprocessConfig, StageConfig, StrictModel
 from edgemml.errors import StageError
 from edgemml.report.gates import GateLimits, check_selector
 from edgemml.stages import common
+from edgemml.stages._validate_robustness import GATE_METRICS, RobustnessConfig
 from edgemml.stages.base import Stage, StageContext
 
 if TYPE_CHECKING:
@@ -98,6 +99,10 @@ class ValidateConfig(StageConfig):
         None, description="roofline.json written by benchmarks/roofline.py on this machine: each "
         "artifact's achieved MAC rate is also given as a fraction of the measured int8 / fp32 "
         "peak. Without it, only the achieved GMAC/s is reported.")
+    robustness: RobustnessConfig | None = Field(
+        None, description="Opt-in: every artifact's top-1 under adversarial inputs (FGSM/PGD "
+        "crafted white-box on the torch reference, replayed on the others: a transfer attack) and "
+        "common corruptions; gates min_robust_top1 / max_robust_drop read it.")
 
     @field_validator("gates")
     @classmethod
@@ -105,6 +110,15 @@ class ValidateConfig(StageConfig):
         for key in value:
             check_selector(key)
         return value
+
+    @model_validator(mode="after")
+    def _robust_gates_need_the_pass(self) -> ValidateConfig:
+        used = [f"{sel}.{m}" for sel, lim in self.gates.items() for m in GATE_METRICS
+                if getattr(lim, m) is not None]
+        if used and self.robustness is None:
+            raise ValueError(f"gates {', '.join(used)} read robustness figures: add a "
+                             "`robustness: {}` block (defaults) to this stage")
+        return self
 
 
 class ValidateStage(Stage[ValidateConfig]):
@@ -151,7 +165,16 @@ class ValidateStage(Stage[ValidateConfig]):
                              f"the data's ({', '.join(classes[:12])})", key="data",
                              hint="validate on data with the label set the model was trained on")
         entries = _measure_all(ctx, config, plan, dataset, classes)
+        section = None
+        if config.robustness is not None:
+            from edgemml.stages._validate_robustness import run_robustness
+
+            robust, section = run_robustness(ctx, config, plan, dataset,
+                                             preprocess.model_dump(mode="json"))
+            for e in entries:
+                e["robustness"] = robust.get(e["name"])
         report = _build_report(ctx, config, plan, len(dataset), classes, preprocess, entries)
+        report["robustness"] = section
         return _finish(ctx, config, plan, report)
 
 

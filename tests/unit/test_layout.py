@@ -26,7 +26,7 @@ LAYERS = {
     "config": 1, "artifacts": 1, "machine": 1, "codegraph": 1, "metrics": 1,
     "training_config": 1, "distributed": 1,
     "models": 2, "data": 2, "training": 2, "pruning": 2, "quantization": 2, "exporters": 2,
-    "runtimes": 2, "report": 2, "evaluation": 2,
+    "runtimes": 2, "report": 2, "evaluation": 2, "robustness": 2,
     "stages": 3,
     "pipeline": 4, "loader": 4, "schema": 4, "progress": 4,
     "cli": 5,
