@@ -267,6 +267,61 @@ def compare_command(run_a: Path, run_b: Path, as_json: bool) -> None:
         _out.print("no gate changed status")
 
 
+@cli.command("roofline")
+@click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Thread count (use the validate stage's `threads:`).")
+@click.option("--size", type=click.IntRange(64, 8192), default=None,
+              help="m = k = n of the timed matrix product (default 1024, or $EDGEMML_ROOFLINE_SIZE).")
+@click.option("--repeats", type=click.IntRange(1, 10000), default=30, show_default=True,
+              help="Timed calls per runtime and precision (median reported).")
+@click.option("--force", is_flag=True, help="Measure again even when a cached peak exists.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the roofline to this file (for validate's `roofline: FILE`).")
+@click.option("--json", "as_json", is_flag=True, help="Print the roofline as JSON.")
+def roofline_command(threads: int, size: int | None, repeats: int, force: bool, out_file: Path | None,
+                     as_json: bool) -> None:
+    """This machine's peak MAC rate per runtime and precision at THREADS threads.
+
+    Measured once (one large MatMul, fp32 and int8 QDQ, through edgemml's runtime layer) and
+    cached per CPU model, CPU features, library versions and thread count in
+    $EDGEMML_CACHE_DIR, $XDG_CACHE_HOME/edgemml or ~/.cache/edgemml; validate's `% of peak`
+    divides by it.
+    """
+    from edgemml import roofline
+    from edgemml.errors import InputError
+
+    def say(line: str) -> None:
+        if not as_json:
+            _err.print(f"  {escape(line)}")
+
+    path = roofline.cache_path(threads)
+    if not as_json:
+        _err.print(f"peak MAC rates at {threads} thread(s): measured once per machine, library "
+                   f"versions and thread count, then read from {path.parent}")
+    roof = roofline.cached(threads, size=size, repeats=repeats, force=force, log=say,
+                           warn=lambda m: _err.print(f"[yellow]warning[/]: {escape(m)}"))
+    if out_file is not None:
+        try:
+            roofline.save(roof, out_file)
+        except OSError as exc:
+            raise InputError(f"cannot write {out_file}: {exc.strerror or exc}", file=out_file,
+                             hint="give a writable file path") from None
+    if as_json:
+        click.echo(roofline.as_json(roof))
+        return
+    table = Table(title=f"{roof.key['cpu']}, {threads} thread(s), {roof.size}^3 MatMul, "
+                        f"measured {roof.created} (load {roof.loadavg[:1] or '?'})",
+                  title_justify="left")
+    for col in ("runtime", "stored", "runs in", "fastest ms", "median ms", "GMAC/s"):
+        table.add_column(col, justify="left" if col in ("runtime", "stored", "runs in")
+                         else "right")
+    for r in roof.rows:
+        table.add_row(r.runtime, r.dtype, r.precision, f"{r.min_ms:.3f}", f"{r.median_ms:.3f}",
+                      f"{r.gmacs_per_s:.1f}")
+    _out.print(table)
+    _out.print(f"cached in {roof.path or path}" + (f"; written to {out_file}" if out_file else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the click group, map errors to exit codes without tracebacks."""
     args = list(sys.argv[1:] if argv is None else argv)

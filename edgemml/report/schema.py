@@ -46,6 +46,7 @@ class Compute(TypedDict):
     gmacs_per_s_batch1: float | None
     gmacs_per_s_batch: float | None
     peak_dtype: str
+    peak_runtime: str
     peak_gmacs_per_s: float | None
     fraction_of_peak_batch1: float | None
     fraction_of_peak_batch: float | None
@@ -79,6 +80,10 @@ class ArtifactEntry(TypedDict):
     passed: bool | None
     recommended: bool
     notes: dict[str, str]
+    #: batch-1 median of the report's reference / this artifact's (same run)
+    speedup: float | None
+    #: the sweep point the artifact belongs to (its tag), None outside a sweep
+    point: str | None
 
 
 class GateRow(TypedDict):
@@ -113,3 +118,5 @@ class Report(TypedDict, total=False):
     stages: list[dict[str, Any]]
     curves: dict[str, list[dict[str, Any]]]
     bundle: dict[str, Any] | None
+    roofline: dict[str, Any] | None
+    front: dict[str, Any]
