@@ -214,13 +214,13 @@ def report_command(run_dir: Path, out_dir: Path | None) -> None:
     a separate folder so the stage's recorded outputs (and its cache) stay untouched.
     """
     from edgemml.report import find_report, load_report, render_from
-    from edgemml.report.gates import failure_lines
+    from edgemml.report.gates import failure_lines, required_failures
 
     path = run_dir if run_dir.is_file() else find_report(run_dir)
     out = out_dir or path.parent.parent / "report"
     paths = render_from(path, out)
     report = load_report(path)
-    failed = sum(r["status"] == "fail" for r in report.get("gates", []))
+    failed = required_failures(report.get("gates", []))
     colour = "green" if report.get("status") == "passed" else "red"
     _out.print(f"[{colour}]{report.get('status')}[/]: {failed} of {len(report.get('gates', []))} "
                f"gate(s) failed ({path})")

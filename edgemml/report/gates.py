@@ -219,11 +219,18 @@ def _regression_rows(selector: str, matched: list[dict[str, Any]], limits: dict[
     return rows
 
 
+def required_failures(rows: list[dict[str, Any]]) -> int:
+    """Failed rows that fail the run (`required` is False for the gates of artifacts a sweep's
+    front did not choose, under validate's `require: chosen`)."""
+    return sum(r["status"] == "fail" and r.get("required", True) for r in rows)
+
+
 def failure_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """`<gate>: <artifact> <metric> <value> > <limit>` for each failed row (runner exits 1)."""
+    """`<gate>: <artifact> <metric> <value> > <limit>` for each failed row that is required (the
+    runner exits 1 when there is any)."""
     out = []
     for r in rows:
-        if r["status"] != "fail":
+        if r["status"] != "fail" or not r.get("required", True):
             continue
         what = r["artifact"] or r["selector"]
         if r["value"] is None:

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from edgemml.report.front import front_table
+from edgemml.report.gates import required_failures
 from edgemml.report.schema import Report
 from edgemml.report.tables import artifact_table, gate_table, to_html
 
@@ -265,7 +266,7 @@ def render_html(report: Report) -> str:
         f"<style>{_CSS}</style></head><body>",
         f"<h1>edgemml validation: {html.escape(str(report.get('pipeline', '')))}</h1>",
         f'<p class="status-{html.escape(status)}"><b>{html.escape(status.upper())}</b>: '
-        f"{sum(r['status'] == 'fail' for r in report.get('gates', []))} of "
+        f"{required_failures(report.get('gates', []))} of "
         f"{len(report.get('gates', []))} gate(s) failed; {data.get('n')} "
         f"{html.escape(str(data.get('split')))} samples of "
         f"<code>{html.escape(str(data.get('source')))}</code>; {env.get('threads')} thread(s) on "

@@ -6,18 +6,22 @@ Plain GitHub-flavoured Markdown tables, small enough for `$GITHUB_STEP_SUMMARY` 
 from __future__ import annotations
 
 from edgemml.report.front import front_table
-from edgemml.report.gates import fmt
+from edgemml.report.gates import fmt, required_failures
 from edgemml.report.schema import Report
 from edgemml.report.tables import artifact_table, gate_table, stage_table, to_markdown
 
 
 def render_markdown(report: Report) -> str:
     status = report.get("status", "?")
-    failed = sum(r["status"] == "fail" for r in report.get("gates", []))
+    failed = required_failures(report.get("gates", []))
+    optional = sum(r["status"] == "fail" for r in report.get("gates", [])) - failed
     total = len(report.get("gates", []))
     data = report.get("data", {})
     env = report.get("environment", {})
     head = "✅ passed" if status == "passed" else f"❌ {failed} of {total} gate(s) failed"
+    if optional:
+        head += (f" ({optional} gate(s) of artifacts the front did not choose failed: not "
+                 f"required)")
     out = [f"# edgemml validation: {report.get('pipeline', '')}", "",
            f"**{head}** on {data.get('n', '?')} {data.get('split', 'test')} samples of "
            f"`{data.get('source', '?')}`; latency with {env.get('threads', '?')} thread(s) on "

@@ -7,7 +7,7 @@ JSON shape is what must stay stable; these types let the type checker hold every
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 
 class Accuracy(TypedDict):
@@ -97,6 +97,8 @@ class GateRow(TypedDict):
     unit: str
     status: Literal["pass", "fail", "skip"]
     message: str
+    #: False for a failed gate that does not fail the run (validate's `require: chosen`)
+    required: NotRequired[bool]
 
 
 class Report(TypedDict, total=False):

@@ -100,6 +100,11 @@ class ValidateConfig(StageConfig):
         "use and cached (`edgemml roofline`); off: only GMAC/s is reported; a path: a "
         "file written by `edgemml roofline --out`, used only when it was measured on this CPU, "
         "with these libraries and at this thread count (otherwise it is ignored, with a warning).")
+    require: Literal["auto", "all", "chosen"] = Field(
+        "auto", description="When the run fails (exit 1): all: any gate of any artifact fails; "
+        "chosen: no artifact passes every gate (the others' failed gates are reported as not "
+        "required: in a sweep the slower points are expected to miss a latency budget); auto: "
+        "chosen with a `sweep:`, else all.")
     recommend: Literal["auto", "fastest", "most_accurate"] = Field(
         "auto", description="Which passing artifact is recommended: fastest (per backend, the "
         "fastest artifact passing every gate), most_accurate (the most accurate one passing every "
@@ -277,9 +282,14 @@ def _build_report(ctx: StageContext, config: ValidateConfig, plan: Plan, n: int,
         "most_accurate" if sweeps else "fastest")
     recommended = recommend(entries, rows, policy)
     front = build_front(entries, rows, primary=plan.primary, policy=policy, sweeps=sweeps)
+    require = config.require if config.require != "auto" else ("chosen" if sweeps else "all")
+    if require == "chosen":
+        _only_the_chosen_is_required(rows, entries, front["chosen"])
     stages, curves = _run_context(ctx)
     data = common.data_config(config, ctx.pipeline, required=False)
     failures = failure_lines(rows)
+    if require == "chosen" and front["chosen"] is None and not failures:
+        failures = ["no artifact passes every gate (require: chosen)"]
     return {
         "schema": rep.SCHEMA, "version": rep.VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -289,6 +299,7 @@ def _build_report(ctx: StageContext, config: ValidateConfig, plan: Plan, n: int,
         "data": {"source": data.source if data else None, "split": config.split, "n": n,
                  "classes": classes, "preprocess": preprocess.model_dump(mode="json")},
         "settings": {"threads": config.threads, "batch_size": config.batch_size,
+                     "require": require, "recommend": policy,
                      "latency": config.latency.model_dump()},
         "reference": {"name": plan.primary,
                       "diversity": next(e["diversity"] for e in entries
@@ -301,6 +312,19 @@ def _build_report(ctx: StageContext, config: ValidateConfig, plan: Plan, n: int,
             "pipeline": baseline.get("pipeline"), "status": baseline.get("status")},
         "stages": stages, "curves": curves, "bundle": None, "front": front,
     }
+
+
+def _only_the_chosen_is_required(rows: list[dict[str, Any]], entries: list[dict[str, Any]],
+                                 chosen: str | None) -> None:
+    """require: chosen — the gates of artifacts other than the chosen one (and its exact twin and
+    its reference) do not fail the run; with nothing chosen, every failed gate does."""
+    if chosen is None:
+        return
+    ref = next(e["reference"] for e in entries if e["name"] == chosen)
+    keep = {chosen, f"{chosen}[f32]", ref}
+    for r in rows:
+        r["required"] = r["artifact"] is None or r["artifact"] in keep or (
+            r["selector"] == "reference")
 
 
 def _speedups(entries: list[dict[str, Any]], primary: str) -> None:
@@ -352,6 +376,7 @@ def _bundle_manifest(ctx: StageContext, plan: Plan, report: Report) -> Path | No
 def _finish(ctx: StageContext, config: ValidateConfig, plan: Plan,
             report: Report) -> dict[str, Path]:
     from edgemml.report import write_reports
+    from edgemml.report.gates import required_failures
 
     outputs: dict[str, Path] = {}
     manifest = _bundle_manifest(ctx, plan, report)
@@ -360,18 +385,14 @@ def _finish(ctx: StageContext, config: ValidateConfig, plan: Plan,
     outputs.update(write_reports(report, ctx.work_dir))
     rows = report["gates"]
     n_fail = sum(r["status"] == "fail" for r in rows)
-    ctx.highlight(f"gates: {len(rows) - n_fail} passed, {n_fail} failed")
+    optional = n_fail - required_failures(rows)
+    ctx.highlight(f"gates: {len(rows) - n_fail} passed, {n_fail} failed"
+                  + (f" ({optional} of artifacts not chosen: not required)" if optional else ""))
     front = report["front"]
     for backend, name in report["recommended"].items():
         ctx.highlight(f"recommended for {backend}: {name or 'none (no artifact passes)'}")
     if front["sweeps"] or front["policy"] == "most_accurate":
-        chosen = next((r for r in front["artifacts"] if r["chosen"]), None)
-        ctx.highlight("front: " + (
-            f"the most accurate artifact passing every gate is {chosen['name']} (top-1 "
-            f"{chosen['top1_pct']:.2f}%, {chosen['top1_vs_reference_pp']:+.2f} pp vs "
-            f"{front['reference']}; {chosen['batch1_median_ms']:.3f} ms, "
-            f"{chosen['speedup']:.1f}x faster)" if chosen and front["policy"] == "most_accurate"
-            else f"chosen {chosen['name']}" if chosen else "no artifact passes every gate"))
+        ctx.highlight(_front_line(front))
     ctx.highlight(f"report: {ctx.final_dir / 'report.html'} (also report.md, report.json, "
                   f"junit.xml)")
     ctx.record(
@@ -388,6 +409,20 @@ def _finish(ctx: StageContext, config: ValidateConfig, plan: Plan,
     if skipped:
         ctx.warn(f"not checked, no baseline report given: {', '.join(sorted(set(skipped)))}")
     return outputs
+
+
+def _front_line(front: dict[str, Any]) -> str:
+    chosen = next((r for r in front["artifacts"] if r["chosen"]), None)
+    if chosen is None:
+        return "front: no artifact passes every gate"
+    parts = [f"top-1 {chosen['top1_pct']:.2f}%" if chosen["top1_pct"] is not None else None,
+             f"{chosen['top1_vs_reference_pp']:+.2f} pp vs {front['reference']}"
+             if chosen["top1_vs_reference_pp"] is not None else None,
+             f"{chosen['batch1_median_ms']:.3f} ms",
+             f"{chosen['speedup']:.1f}x faster" if chosen["speedup"] else None]
+    what = ("the most accurate artifact passing every gate" if front["policy"] == "most_accurate"
+            else "the fastest artifact passing every gate")
+    return f"front: {what} is {chosen['name']} ({', '.join(p for p in parts if p)})"
 
 
 STAGE = ValidateStage

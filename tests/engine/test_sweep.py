@@ -184,6 +184,24 @@ def test_sweep_runs_caches_and_validate_presents_the_front(tmp_path: Path):
     assert statuses == {"train": "cached", "prune-macs0_8": "cached", "quantize-macs0_8": "cached",
                         "export-macs0_8": "cached", "prune-macs0_6": "ran",
                         "quantize-macs0_6": "ran", "export-macs0_6": "ran", "validate": "ran"}
+
+    # a budget gate only the smaller point meets: with a sweep (require: auto -> chosen) the run
+    # passes with the chosen artifact, the other point's failed gates are reported as not required
+    ref_mmacs = next(a["mmacs"] for a in report["artifacts"] if a["name"] == "torch")
+    budget = f"stages.validate.gates.all.max_mmacs={0.7 * ref_mmacs:.6f}"
+    fourth = run_cli("run", "pipeline.yaml", "--set", budget, cwd=tmp_path, env=env)
+    assert fourth.returncode == 0, fourth.stdout + fourth.stderr
+    report = json.loads((run / "08-validate/report.json").read_text())
+    assert report["status"] == "passed" and report["settings"]["require"] == "chosen"
+    assert report["front"]["chosen"].endswith("macs0_6")
+    optional = [r for r in report["gates"] if r["status"] == "fail"]
+    assert optional and all(not r["required"] and "macs0_8" in r["artifact"] for r in optional)
+    junit = (run / "08-validate/junit.xml").read_text()
+    assert 'failures="0"' in junit and "not required" in junit
+    assert "not required" in (run / "08-validate/report.md").read_text()
+    strict = run_cli("run", "pipeline.yaml", "--set", budget, "--set",
+                     "stages.validate.require=all", cwd=tmp_path, env=env)
+    assert strict.returncode == 1 and "max_mmacs" in strict.stderr + strict.stdout
     shutil.rmtree(run)
 
 
