@@ -210,3 +210,34 @@ def test_achieved_compute_against_a_roofline():
     none = achieved_compute(20_000_000, lat, "torch", "f32", roof)
     assert none["gmacs_per_s_batch"] == pytest.approx(40.0) and none["fraction_of_peak_batch"] is None
     assert achieved_compute(None, lat, "onnxruntime", "int8", roof)["gmacs_per_s_batch1"] is None
+
+
+def _entry(name, backend, top1, ms, mode="deployed", reference="torch", passed=True):
+    return {"name": name, "backend": backend, "mode": mode, "reference": reference,
+            "runtime_precision": "int8", "accuracy": {"top1_pct": top1},
+            "latency": {"batch1_median_ms": ms}, "passed": passed, "stage": None}
+
+
+def test_recommend_policies_and_the_front():
+    """fastest picks the quickest passing artifact per backend, most_accurate the most accurate
+    one (ties to the faster); the front marks the Pareto-optimal artifacts and the chosen one."""
+    from edgemml.report.front import build_front, pareto
+    from edgemml.report.gates import recommend
+
+    entries = [_entry("torch", "torch", 95.0, 20.0, mode="reference", reference=None),
+               _entry("a", "onnxruntime", 94.0, 2.0), _entry("b", "onnxruntime", 95.5, 4.0),
+               _entry("c", "onnxruntime", 96.0, 9.0), _entry("d", "openvino", 95.5, 3.0),
+               _entry("e", "openvino", 95.5, 3.5)]
+    rows = [{"gate": "all.max_latency_ms", "selector": "all", "artifact": "c", "metric":
+             "max_latency_ms", "op": "<=", "limit": 5.0, "value": 9.0, "unit": "ms",
+             "status": "fail", "message": ""}]
+    assert recommend(entries, rows, "fastest") == {"onnxruntime": "a", "openvino": "d"}
+    for e in entries:
+        e["recommended"] = False
+    assert recommend(entries, rows, "most_accurate") == {"onnxruntime": "b", "openvino": "d"}
+    front = build_front(entries, rows, primary="torch", policy="most_accurate", sweeps=[])
+    assert front["chosen"] == "d"  # 95.5 % like b and e, and the fastest of them
+    assert front["budget_ms"] == 5.0
+    assert set(pareto(entries)) == {"a", "d", "c"}  # torch (20 ms, 95 %) is beaten by d
+    row = next(r for r in front["artifacts"] if r["name"] == "d")
+    assert row["chosen"] and row["pareto"] and row["top1_vs_reference_pp"] == pytest.approx(0.5)
