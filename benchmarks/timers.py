@@ -59,6 +59,25 @@ def old_interleaved(calls: dict[str, Callable[[], Any]], *, warmup: int, repeats
     return {n: float(np.median(t)) for n, t in times.items()}
 
 
+def pause_effect(call: Callable[[], Any], *, blocks: int, block: int,
+                 pause_s: float = OLD_PAUSE_S) -> dict[str, list[float]]:
+    """Median ms of the k-th timed call of a block, for blocks that start after a `pause_s` sleep
+    and for blocks that do not, alternating (each block starts with one untimed call, as both
+    timers do): shows whether a pause slows the calls after it, and for how long."""
+    times: dict[str, list[list[float]]] = {"pause": [[] for _ in range(block)],
+                                           "no_pause": [[] for _ in range(block)]}
+    for i in range(2 * blocks):
+        kind = "pause" if i % 2 else "no_pause"
+        if kind == "pause":
+            time.sleep(pause_s)
+        call()
+        for k in range(block):
+            t0 = time.perf_counter_ns()
+            call()
+            times[kind][k].append((time.perf_counter_ns() - t0) / 1e6)
+    return {kind: [round(float(np.median(ts)), 4) for ts in per] for kind, per in times.items()}
+
+
 def benchmark_app(xml: Path, *, threads: int, shape: list[int], seconds: int) -> float:
     """Median latency (ms) reported by OpenVINO's benchmark_app, run as a user would."""
     # the benchmark_app entry point, with the interpreter edgemml runs in (same openvino)
@@ -117,6 +136,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--app-seconds", type=int, default=15)
     ap.add_argument("--stem", default="timers")
+    ap.add_argument("--pause-blocks", type=int, default=60,
+                    help="blocks per kind in the pause-effect measurement (0: skip it)")
     args = ap.parse_args()
 
     import torch
@@ -168,12 +189,20 @@ def main() -> None:
               f"compare.py {row['compare_now']:.3f}, old compare.py (20 ms pauses) "
               f"{row['compare_old_pause']:.3f}, benchmark_app {row['benchmark_app']:.3f}",
               flush=True)
+    pause = None
+    if args.pause_blocks:
+        print("pause effect: blocks of 6 timed calls with and without a 20 ms sleep before",
+              flush=True)
+        pause = {"ov-int8": pause_effect(lambda: ov(x), blocks=args.pause_blocks, block=6)}
+        if "ort-int8" in others:
+            r = others["ort-int8"]
+            pause["ort-int8"] = pause_effect(lambda: r(x), blocks=args.pause_blocks, block=6)
     info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     summary = {k: round(statistics.median(r[f"{k}_vs_app"] for r in reps), 3)
                for k in ("validate", "compare_now", "compare_old_pause")}
     result = {"benchmark": "timers", "machine": info, "ir": str(args.ir), "made": args.make,
               "shape": shape, "threads": t, "runs": args.runs, "rounds": args.rounds,
-              "interleaved_with": list(others), "repetitions": reps,
+              "interleaved_with": list(others), "repetitions": reps, "pause_effect": pause,
               "median_ratio_to_benchmark_app": summary}
     md = render_md(result)
     js, mdp = write_results(args.stem, result, md)
@@ -202,6 +231,14 @@ def render_md(r: dict[str, Any]) -> str:
     s = r["median_ratio_to_benchmark_app"]
     lines += ["", f"Median ratio to benchmark_app: validate {s['validate']:.2f}x, compare.py "
               f"{s['compare_now']:.2f}x, old compare.py {s['compare_old_pause']:.2f}x.", ""]
+    for name, kinds in (r.get("pause_effect") or {}).items():
+        lines += [f"Pause effect on {name}: median ms of the k-th timed call of a block (after "
+                  f"one untimed call), blocks alternating with and without a 20 ms sleep before "
+                  f"them:", "",
+                  md_table(["block starts", *[f"call {k + 1}" for k in range(len(kinds['pause']))]],
+                           [["after a 20 ms sleep", *kinds["pause"]],
+                            ["without a pause", *kinds["no_pause"]]],
+                           "l" + "r" * len(kinds["pause"])), ""]
     return "\n".join(lines)
 
 

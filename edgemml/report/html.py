@@ -80,6 +80,8 @@ def plot_front(report: dict[str, Any]) -> str | None:
     """Top-1 against batch-1 latency of every artifact of every point (colour = point, marker =
     runtime), the Pareto front as a line, the latency budget dashed, the chosen one starred."""
     front = report.get("front") or {}
+    if not front.get("sweeps") and front.get("policy") != "most_accurate":
+        return None  # without a sweep, the trade-off plot below shows the same artifacts
     rows = [r for r in front.get("artifacts", [])
             if r.get("batch1_median_ms") is not None and r.get("top1_pct") is not None]
     if not rows:
