@@ -87,6 +87,13 @@ class StageOutcome:
     gate_failures: list[str] = field(default_factory=list)
 
 
+def _reads_all_earlier(cls: type[Stage], cfg: StageConfig) -> bool:
+    """Stage.reads_all_earlier, narrowed per config where the stage defines
+    `reads_all_earlier_for(config)` (export reads every earlier stage only for `quantized: auto`)."""
+    narrow = getattr(cls, "reads_all_earlier_for", None)
+    return bool(narrow(cfg)) if narrow is not None else cls.reads_all_earlier
+
+
 def plan_stages(pipeline: LoadedPipeline) -> list[PlannedStage]:
     """Resolve each stage's class, its default input and the earlier stages it reads."""
     planned: list[PlannedStage] = []
@@ -106,7 +113,7 @@ def plan_stages(pipeline: LoadedPipeline) -> list[PlannedStage]:
                     hint="add a stage that produces a model before it, or give it its own model")
         deps = [input_name] if input_name else []
         refs = [ref for _, ref in cls.references(cfg)]
-        if cls.reads_all_earlier:
+        if _reads_all_earlier(cls, cfg):
             refs += [p.name for p in planned]
         for ref in refs:
             if ref not in deps:

@@ -13,6 +13,8 @@ import io
 import json
 from typing import Any
 
+from edgemml.report.front import front_table
+from edgemml.report.gates import required_failures
 from edgemml.report.schema import Report
 from edgemml.report.tables import (artifact_table, gate_table, robust_columns,
                                    robustness_gap_table, robustness_notes, robustness_table,
@@ -69,6 +71,57 @@ def plot_tradeoff(report: dict[str, Any]) -> str | None:
     ax2.set_title("accuracy vs size")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
+    return _svg(fig)
+
+
+_POINT_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+                 "#bcbd22", "#d62728", "#7f7f7f"]
+_MARKERS = {"onnxruntime": "^", "openvino": "s", "torch": "o"}
+
+
+def plot_front(report: dict[str, Any]) -> str | None:
+    """Top-1 against batch-1 latency of every artifact of every point (colour = point, marker =
+    runtime), the Pareto front as a line, the latency budget dashed, the chosen one starred."""
+    front = report.get("front") or {}
+    if not front.get("sweeps") and front.get("policy") != "most_accurate":
+        return None  # without a sweep, the trade-off plot below shows the same artifacts
+    rows = [r for r in front.get("artifacts", [])
+            if r.get("batch1_median_ms") is not None and r.get("top1_pct") is not None]
+    if not rows:
+        return None
+    points = list(dict.fromkeys(r["point"] for r in rows if r["point"]))
+    colour = {p: _POINT_COLORS[i % len(_POINT_COLORS)] for i, p in enumerate(points)}
+    fig = _figure(10, 5)
+    ax = fig.subplots()
+    for point in [None, *points]:
+        sel = [r for r in rows if r["point"] == point]
+        for backend in dict.fromkeys(r["backend"] for r in sel):
+            pts = [r for r in sel if r["backend"] == backend]
+            ax.scatter([r["batch1_median_ms"] for r in pts], [r["top1_pct"] for r in pts],
+                       c=colour.get(point, "#555555"), marker=_MARKERS.get(backend, "D"), s=55,
+                       alpha=0.85, label=f"{point or 'reference'} · {backend}")
+    front_pts = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["batch1_median_ms"])
+    if len(front_pts) > 1:
+        ax.step([r["batch1_median_ms"] for r in front_pts], [r["top1_pct"] for r in front_pts],
+                where="post", color="#333333", lw=1, alpha=0.6, label="Pareto front")
+    for r in rows:
+        if r.get("chosen"):
+            ax.scatter([r["batch1_median_ms"]], [r["top1_pct"]], marker="*", s=420,
+                       facecolors="none", edgecolors="#000000", linewidths=1.5,
+                       label=f"chosen: {r['name']}")
+            ax.annotate(r["name"], (r["batch1_median_ms"], r["top1_pct"]), fontsize=8,
+                        xytext=(6, -12), textcoords="offset points")
+    if front.get("budget_ms"):
+        ax.axvline(front["budget_ms"], ls="--", color="#cf222e", lw=1,
+                   label=f"budget {front['budget_ms']:.3g} ms")
+    ax.set_xscale("log")
+    ax.set_xlabel("batch-1 median latency (ms, log scale)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(f"accuracy-latency front ({front.get('policy')}: ★ = the most accurate passing "
+                 f"every gate)" if front.get("policy") == "most_accurate" else
+                 "accuracy-latency front (★ = chosen)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
     return _svg(fig)
 
 
@@ -240,10 +293,31 @@ s.querySelectorAll('path,use,text').length>0)n++;});document.body.dataset.plotsR
 """
 
 
+def _policy_text(report: Report) -> str:
+    policy = (report.get("front") or {}).get("policy", "fastest")
+    return ("the most accurate artifact passing every gate" if policy == "most_accurate"
+            else "fastest artifact passing every gate")
+
+
+def _front_section(report: Report) -> list[str]:
+    """The front's table, with the chosen artifact, when the run has a sweep or recommends the
+    most accurate artifact."""
+    front = report.get("front") or {}
+    if not front.get("sweeps") and front.get("policy") != "most_accurate":
+        return []
+    chosen = front.get("chosen")
+    return ["<h2>Accuracy-latency front</h2>",
+            f"<p>Chosen: <b>{html.escape(chosen or 'none passes every gate')}</b> ("
+            f"{html.escape(_policy_text(report))}); top-1 and speed-up against the reference "
+            f"<code>{html.escape(str(front.get('reference')))}</code>, measured in this run.</p>",
+            to_html(front_table(front))]
+
+
 def render_html(report: Report) -> str:
     status = report.get("status", "?")
     gates = gate_table(report)
-    plots = [("tradeoff", "Accuracy, latency and size", plot_tradeoff(report)),
+    plots = [("front", "Accuracy-latency front", plot_front(report)),
+             ("tradeoff", "Accuracy, latency and size", plot_tradeoff(report)),
              ("latency", "Latency", plot_latency(report)),
              ("per-class", "Per-class accuracy", plot_per_class(report)),
              ("curves", "Training curves", plot_curves(report)),
@@ -258,13 +332,14 @@ def render_html(report: Report) -> str:
         f"<style>{_CSS}</style></head><body>",
         f"<h1>edgemml validation: {html.escape(str(report.get('pipeline', '')))}</h1>",
         f'<p class="status-{html.escape(status)}"><b>{html.escape(status.upper())}</b>: '
-        f"{sum(r['status'] == 'fail' for r in report.get('gates', []))} of "
+        f"{required_failures(report.get('gates', []))} of "
         f"{len(report.get('gates', []))} gate(s) failed; {data.get('n')} "
         f"{html.escape(str(data.get('split')))} samples of "
         f"<code>{html.escape(str(data.get('source')))}</code>; {env.get('threads')} thread(s) on "
         f"{html.escape(str(env.get('processor') or env.get('machine')))}.</p>",
-        f"<p>Recommended (fastest artifact passing every gate): {rec_text or 'n/a'}</p>",
+        f"<p>Recommended ({html.escape(_policy_text(report))}): {rec_text or 'n/a'}</p>",
         "<h2>Gates</h2>", to_html(gates) if gates else "<p>No gates configured.</p>",
+        *_front_section(report),
         "<h2>Artifacts</h2>", to_html(artifact_table(report)),
         *_robustness_html(report),
     ]

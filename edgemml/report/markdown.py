@@ -5,7 +5,8 @@ Plain GitHub-flavoured Markdown tables, small enough for `$GITHUB_STEP_SUMMARY` 
 
 from __future__ import annotations
 
-from edgemml.report.gates import fmt
+from edgemml.report.front import front_table
+from edgemml.report.gates import fmt, required_failures
 from edgemml.report.schema import Report
 from edgemml.report.tables import (artifact_table, gate_table, robustness_gap_table,
                                    robustness_notes, robustness_table, stage_table, to_markdown)
@@ -13,23 +14,38 @@ from edgemml.report.tables import (artifact_table, gate_table, robustness_gap_ta
 
 def render_markdown(report: Report) -> str:
     status = report.get("status", "?")
-    failed = sum(r["status"] == "fail" for r in report.get("gates", []))
+    failed = required_failures(report.get("gates", []))
+    optional = sum(r["status"] == "fail" for r in report.get("gates", [])) - failed
     total = len(report.get("gates", []))
     data = report.get("data", {})
     env = report.get("environment", {})
     head = "✅ passed" if status == "passed" else f"❌ {failed} of {total} gate(s) failed"
+    if optional:
+        head += (f" ({optional} gate(s) of artifacts the front did not choose failed: not "
+                 f"required)")
     out = [f"# edgemml validation: {report.get('pipeline', '')}", "",
            f"**{head}** on {data.get('n', '?')} {data.get('split', 'test')} samples of "
            f"`{data.get('source', '?')}`; latency with {env.get('threads', '?')} thread(s) on "
            f"{env.get('processor') or env.get('machine', '?')}.", ""]
     rec = report.get("recommended") or {}
+    front = report.get("front") or {}
+    most_accurate = front.get("policy") == "most_accurate"
     if rec:
-        out.append("**Recommended** (fastest artifact passing every gate): " + ", ".join(
+        out.append("**Recommended** (" + ("the most accurate artifact passing every gate"
+                                           if most_accurate else
+                                           "fastest artifact passing every gate") + "): " + ", ".join(
             f"{backend}: **{name}**" if name else f"{backend}: none passes"
             for backend, name in rec.items()))
         out.append("")
     gates = gate_table(report)
     out += ["## Gates", ""] + (to_markdown(gates) if gates else ["No gates configured."]) + [""]
+    if front.get("sweeps") or most_accurate:
+        out += ["## Accuracy-latency front", "",
+                f"Chosen: **{front.get('chosen') or 'none passes every gate'}**; top-1 and "
+                f"speed-up against the reference `{front.get('reference')}`, measured in this "
+                f"run" + (f"; latency budget {fmt(front['budget_ms'])} ms"
+                          if front.get("budget_ms") else "") + ".", ""]
+        out += to_markdown(front_table(front)) + [""]
     ref_name = (report.get("reference") or {}).get("name")
     out += ["## Artifacts", "",
             f"Parity is measured against the reference `{ref_name}` (each exported artifact "

@@ -7,7 +7,7 @@ JSON shape is what must stay stable; these types let the type checker hold every
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 
 class Accuracy(TypedDict):
@@ -46,6 +46,7 @@ class Compute(TypedDict):
     gmacs_per_s_batch1: float | None
     gmacs_per_s_batch: float | None
     peak_dtype: str
+    peak_runtime: str
     peak_gmacs_per_s: float | None
     fraction_of_peak_batch1: float | None
     fraction_of_peak_batch: float | None
@@ -126,6 +127,10 @@ class ArtifactEntry(TypedDict):
     recommended: bool
     notes: dict[str, str]
     robustness: Robustness | None
+    #: batch-1 median of the report's reference / this artifact's (same run)
+    speedup: float | None
+    #: the sweep point the artifact belongs to (its tag), None outside a sweep
+    point: str | None
 
 
 class GateRow(TypedDict):
@@ -139,6 +144,8 @@ class GateRow(TypedDict):
     unit: str
     status: Literal["pass", "fail", "skip"]
     message: str
+    #: False for a failed gate that does not fail the run (validate's `require: chosen`)
+    required: NotRequired[bool]
 
 
 class Report(TypedDict, total=False):
@@ -161,3 +168,5 @@ class Report(TypedDict, total=False):
     curves: dict[str, list[dict[str, Any]]]
     bundle: dict[str, Any] | None
     robustness: RobustnessSection | None
+    roofline: dict[str, Any] | None
+    front: dict[str, Any]

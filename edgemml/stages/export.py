@@ -120,6 +120,12 @@ class ExportStage(Stage[ExportConfig]):
     reads_all_earlier = True
 
     @classmethod
+    def reads_all_earlier_for(cls, config: ExportConfig) -> bool:
+        """Only `quantized: auto` needs every earlier stage; a named quantize stage (e.g. a sweep
+        branch's own) is a plain reference, so another branch's changes do not re-run this one."""
+        return config.quantized == "auto"
+
+    @classmethod
     def references(cls, config: ExportConfig) -> list[tuple[str, str]]:
         refs = super().references(config)
         if config.quantized not in ("auto", "none"):

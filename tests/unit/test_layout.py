@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {
     "errors": 0,
     "config": 1, "artifacts": 1, "machine": 1, "codegraph": 1, "metrics": 1,
-    "training_config": 1, "distributed": 1,
+    "training_config": 1, "distributed": 1, "sweep": 1,
     "models": 2, "data": 2, "training": 2, "pruning": 2, "quantization": 2, "exporters": 2,
-    "runtimes": 2, "report": 2, "evaluation": 2, "robustness": 2,
+    "runtimes": 2, "report": 2, "evaluation": 2, "robustness": 2, "roofline": 2,
+    "latency_search": 2,
     "stages": 3,
     "pipeline": 4, "loader": 4, "schema": 4, "progress": 4,
     "cli": 5,
