@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from edgemml.report.schema import Report
-from edgemml.report.tables import artifact_table, gate_table, to_html
+from edgemml.report.tables import artifact_table, gate_table, io_notes, to_html
 
 _COLORS = {"torch": "#555555", "onnxruntime": "#1f77b4", "openvino": "#d62728"}
 _MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
@@ -203,6 +203,9 @@ def render_html(report: Report) -> str:
         "<h2>Gates</h2>", to_html(gates) if gates else "<p>No gates configured.</p>",
         "<h2>Artifacts</h2>", to_html(artifact_table(report)),
     ]
+    parts += [f"<p><code>{html.escape(name)}</code> has integer input/output; the runtime layer "
+              f"quantized and dequantized with the file's own parameters "
+              f"({html.escape(note)}).</p>" for name, note in io_notes(report)]
     for pid, title, svg in plots:
         if svg is None:
             continue
