@@ -27,21 +27,21 @@ stages:
 """
 
 PIPELINE = HEAD + """
-  - {{type: load, path: "{model}"}}
+  - {type: load, path: "MODEL"}
   - type: quantize
     backends: [executorch, litert]
-    calibration: {{samples: 32}}
+    calibration: {samples: 32}
     max_accuracy_drop: 1.0
   - type: export
-    openvino: {{enabled: false}}
-    executorch: {{enabled: true}}
-    litert: {{enabled: true}}
-    bundle: {{samples: 6, archive: false}}
+    openvino: {enabled: false}
+    executorch: {enabled: true}
+    litert: {enabled: true}
+    bundle: {samples: 6, archive: false}
   - type: validate
-    latency: {{runs: 5, warmup: 1, batch: 4, throughput_runs: 2}}
+    latency: {runs: 5, warmup: 1, batch: 4, throughput_runs: 2}
     gates:
-      executorch: {{min_agreement: 0.95}}
-      litert: {{min_agreement: 0.95, max_accuracy_drop: 2.0}}
+      executorch: {min_agreement: 0.95}
+      litert: {min_agreement: 0.95, max_accuracy_drop: 2.0}
 """
 
 
@@ -59,12 +59,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("embedded")
     model = make_tiny(root / "tiny")
-    write(root / "pipeline.yaml", PIPELINE.format(model=model))
+    write(root / "pipeline.yaml", PIPELINE.replace("MODEL", str(model)))
     proc = run_cli("run", "pipeline.yaml", cwd=root, env=_env())
     assert proc.returncode == 0, _explain(proc)
     assert "ExecuTorch" not in proc.stderr or "Traceback" not in proc.stderr
     again = run_cli("run", "pipeline.yaml", cwd=root, env=_env())
-    assert again.returncode == 0 and again.stdout.count("cached") >= 4, _explain(again)
+    assert again.returncode == 0, _explain(again)
+    statuses = [s["status"] for s in json.loads((root / "runs/x/run.json").read_text())["stages"]]
+    assert set(statuses) == {"cached"}, statuses
     return root
 
 
@@ -76,9 +78,8 @@ def test_four_files_are_written_and_validated(run: Path) -> None:
              "executorch-fp32": e / "model.fp32.pte", "litert-fp32": e / "model.fp32.tflite"}
     for key, path in files.items():
         assert runtimes.detect(path).stored_precision(path) == key.split("-")[1], key
-    for fmt in ("pte", "tflite"):
-        assert files[f"{'executorch' if fmt == 'pte' else 'litert'}-int8"].stat().st_size < \
-            0.5 * files[f"{'executorch' if fmt == 'pte' else 'litert'}-fp32"].stat().st_size
+    for target in ("executorch", "litert"):  # (a 12 KB model: the files' fixed overhead dominates)
+        assert files[f"{target}-int8"].stat().st_size < files[f"{target}-fp32"].stat().st_size
     qrep = json.loads((q / "quantize.json").read_text())
     for target in ("executorch", "litert"):
         assert qrep[target]["calibration_samples"] == 32
