@@ -149,6 +149,9 @@ def measure(subject: Subject, runner: runtimes.Runner, samples: Samples, classes
         notes["top5_pct"] = "top-5 is reported for more than 10 classes only"
     if macs_note:
         notes["macs"] = macs_note
+    quantized_io = io_note(runner.io)
+    if quantized_io:
+        notes["io"] = quantized_io
     size = runtimes.size_bytes(subject.path)
     entry: ArtifactEntry = {
         "name": subject.name, "key": subject.key, "stage": subject.stage,
@@ -167,6 +170,16 @@ def measure(subject: Subject, runner: runtimes.Runner, samples: Samples, classes
         "io": runner.io, "passed": None, "recommended": False, "notes": notes,
         "robustness": None}  # filled by validate's robustness pass when configured
     return Measured(entry, logits)
+
+
+def io_note(io: dict[str, Any]) -> str | None:
+    """How an artifact with integer input / output (a fully int8 .tflite) was fed and read: the
+    runtime layer quantizes the float batch with the input's own scale / zero point and
+    dequantizes the output with the output's. None for float I/O."""
+    parts = [f"{side} {io.get(f'{side}_dtype')}: {verb} through its own scale "
+             f"{io[f'{side}_scale']:.6g} and zero point {io[f'{side}_zero_point']}"
+             for side, verb in (("input", "fed"), ("output", "read")) if f"{side}_scale" in io]
+    return "; ".join(parts) if parts else None
 
 
 def achieved_compute(macs: int | None, latency: runtimes.Latency, backend: str, precision: str,

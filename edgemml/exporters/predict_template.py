@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Classify image files with the model in this folder, exactly as the edgemml pipeline did.
 
-Needs only numpy, Pillow and onnxruntime (for .onnx models) or openvino (for .xml models); the
-preprocessing is preprocess.py next to this file, a verbatim copy of the code used for training and
-validation, driven by preprocess.json. `--verify-key` also needs the `cryptography` package.
+Needs only numpy, Pillow and the runtime of the model it runs: onnxruntime (.onnx), openvino (.xml),
+ai-edge-litert (.tflite; no torch) or executorch + torch (.pte). The preprocessing is preprocess.py
+next to this file, a verbatim copy of the code used for training and validation, driven by
+preprocess.json. `--verify-key` also needs the `cryptography` package.
 
     python predict.py IMAGE_OR_FOLDER [...]           # top-1 label per image (default model)
     python predict.py img.png --model model.fp32.onnx --top 3 --json
@@ -84,6 +85,69 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+#: runtime (manifest models[].runtime) -> Python modules it needs
+RUNTIME_MODULES = {"onnxruntime": ("onnxruntime",), "openvino": ("openvino",),
+                   "litert": ("ai_edge_litert",), "executorch": ("executorch", "torch")}
+
+
+def static_batches(fn, batch: int):
+    """Run a model whose graph has a static batch size on any number of samples: chunks of that
+    size, the last one zero-padded and its padding's outputs dropped."""
+    def run(x: np.ndarray) -> np.ndarray:
+        outs = []
+        for i in range(0, len(x), batch):
+            chunk = np.ascontiguousarray(x[i:i + batch], dtype=np.float32)
+            n = len(chunk)
+            if n < batch:
+                chunk = np.concatenate([chunk, np.zeros((batch - n, *chunk.shape[1:]), np.float32)])
+            outs.append(np.asarray(fn(chunk), dtype=np.float32)[:n])
+        return np.concatenate(outs)
+    return run
+
+
+def litert_model(data: bytes, threads: int | None):
+    """A .tflite (its checked bytes) in the LiteRT interpreter. A fully int8 model takes int8 input
+    and gives int8 output: the batch is quantized with the input's own scale / zero point and the
+    output dequantized with the output's (manifest.json records them too)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=data, num_threads=threads)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    in_dt, out_dt = np.dtype(inp["dtype"]), np.dtype(out["dtype"])
+    (s_in, z_in), (s_out, z_out) = inp["quantization"], out["quantization"]
+
+    def one(x: np.ndarray) -> np.ndarray:
+        if in_dt.kind in "iu":
+            lim = np.iinfo(in_dt)
+            x = np.clip(np.round(x / s_in) + z_in, lim.min, lim.max)
+        it.set_tensor(inp["index"], x.astype(in_dt))
+        it.invoke()
+        y = it.get_tensor(out["index"])
+        return (y.astype(np.float32) - z_out) * s_out if out_dt.kind in "iu" else np.array(y)
+
+    return static_batches(one, int(inp["shape"][0]))
+
+
+def executorch_model(data: bytes, threads: int | None):
+    """A .pte (its checked bytes) in the ExecuTorch runtime (needs torch: it takes and returns
+    torch tensors). Float input and output; XNNPACK's thread pool is process-wide."""
+    import torch
+    from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime
+
+    if threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+    method = Runtime.get().load_program(data).load_method("forward")
+    batch = int(method.metadata.input_tensor_meta(0).sizes()[0])
+    return static_batches(lambda x: method.execute([torch.from_numpy(x)])[0].numpy(), batch)
+
+
+class MissingRuntime(Exception):
+    """The runtime a model needs cannot be imported here (exit 2 like any refusal; --self-check
+    skips the model instead)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,7 +297,16 @@ class Model:
         self.entry = entry
         blobs = {rel: bundle.read(rel, check=True) for rel in entry.get("files", [file])}
         self.input_name = entry["inputs"][0]["name"]
-        if entry["runtime"] == "onnxruntime":
+        try:
+            self._open(entry["runtime"], bundle, file, blobs, threads)
+        except ImportError as exc:
+            need = " + ".join(RUNTIME_MODULES.get(entry["runtime"], (entry["runtime"],)))
+            raise MissingRuntime(f"{file} needs {need}, which cannot be imported here "
+                                 f"({exc})") from None
+
+    def _open(self, runtime: str, bundle: Bundle, file: str, blobs: dict[str, bytes],
+              threads: int | None) -> None:
+        if runtime == "onnxruntime":
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
@@ -244,6 +317,10 @@ class Model:
             self.session = ort.InferenceSession(source, sess_options=opts,
                                                 providers=["CPUExecutionProvider"])
             self.run = lambda x: self.session.run(None, {self.input_name: x})[0]
+        elif runtime == "litert":
+            self.run = litert_model(blobs[file], threads)
+        elif runtime == "executorch":
+            self.run = executorch_model(blobs[file], threads)
         else:
             import openvino as ov
 
@@ -401,10 +478,16 @@ def self_check(bundle: Bundle, pre: types.ModuleType, spec: dict, labels: list[s
     checked = 0
     for file in files:
         entry = next(m for m in manifest["models"] if m["file"] == file)
-        if importlib.util.find_spec(entry["runtime"]) is None:
-            print(f"skip  {file}: {entry['runtime']} is not installed")
+        absent = [m for m in RUNTIME_MODULES.get(entry["runtime"], (entry["runtime"],))
+                  if importlib.util.find_spec(m) is None]
+        if absent:
+            print(f"skip  {file}: {', '.join(absent)} is not installed")
             continue
-        model = Model(bundle, file, threads)
+        try:
+            model = Model(bundle, file, threads)
+        except MissingRuntime as exc:
+            print(f"skip  {file}: {exc}")
+            continue
         samples = [s for s in manifest["samples"] if file in s["predictions"]]
         unreadable: dict[str, str] = {}
         got = {g["file"]: g["label"] for g in classify(
@@ -423,7 +506,8 @@ def self_check(bundle: Bundle, pre: types.ModuleType, spec: dict, labels: list[s
         for name, want, have in bad:
             print(f"      {name}: pipeline {want}, here {have}")
     if checked == 0:
-        print("no model could be checked: install onnxruntime or openvino")
+        print("no model could be checked: install onnxruntime, openvino, ai-edge-litert or "
+              "executorch")
         return 1
     return 1 if failures else 0
 
@@ -504,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     """Never a traceback: every failure is one line on stderr and an exit status."""
     try:
         return run(argv)
-    except Refused as exc:
+    except (Refused, MissingRuntime) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     except KeyboardInterrupt:

@@ -15,8 +15,10 @@ from pydantic import Field
 
 from edgemml.config import StrictModel
 
+#: artifact formats a gate selector may name as a group (every artifact of that format)
+FORMAT_GROUPS = ("onnx", "openvino", "executorch", "litert")
 #: groups a gate selector may name besides an artifact's own name
-GROUPS = ("all", "onnx", "openvino", "fp32", "fp16", "int8", "deployed", "exact", "torch")
+GROUPS = ("all", *FORMAT_GROUPS, "fp32", "fp16", "int8", "deployed", "exact", "torch")
 SELECTOR_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.@-]*(\[f32\])?$")
 
 
@@ -134,7 +136,7 @@ def matches(selector: str, entry: dict[str, Any]) -> bool:
         return False
     if selector == "all":
         return True
-    if selector in ("onnx", "openvino"):
+    if selector in FORMAT_GROUPS:
         return entry["format"] == selector
     if selector in ("fp32", "fp16", "int8"):
         return entry["precision"] == selector

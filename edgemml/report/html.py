@@ -16,7 +16,7 @@ from typing import Any
 from edgemml.report.front import front_table
 from edgemml.report.gates import required_failures
 from edgemml.report.schema import Report
-from edgemml.report.tables import (artifact_table, gate_table, robust_columns,
+from edgemml.report.tables import (artifact_table, gate_table, io_notes, robust_columns,
                                    robustness_gap_table, robustness_notes, robustness_table,
                                    to_html)
 
@@ -343,6 +343,9 @@ def render_html(report: Report) -> str:
         "<h2>Artifacts</h2>", to_html(artifact_table(report)),
         *_robustness_html(report),
     ]
+    parts += [f"<p><code>{html.escape(name)}</code> has integer input/output; the runtime layer "
+              f"quantized and dequantized with the file's own parameters "
+              f"({html.escape(note)}).</p>" for name, note in io_notes(report)]
     for pid, title, svg in plots:
         if svg is None:
             continue

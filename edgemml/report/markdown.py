@@ -8,7 +8,7 @@ from __future__ import annotations
 from edgemml.report.front import front_table
 from edgemml.report.gates import fmt, required_failures
 from edgemml.report.schema import Report
-from edgemml.report.tables import (artifact_table, gate_table, robustness_gap_table,
+from edgemml.report.tables import (artifact_table, gate_table, io_notes, robustness_gap_table,
                                    robustness_notes, robustness_table, stage_table, to_markdown)
 
 
@@ -53,6 +53,11 @@ def render_markdown(report: Report) -> str:
             "appear twice: as deployed (the CPU's default precision, shown in \"runs in\") and "
             "as `[f32]` with `INFERENCE_PRECISION_HINT=f32` for exact parity. ★ = recommended.",
             ""] + to_markdown(artifact_table(report)) + [""]
+    for name, note in io_notes(report):
+        out.append(f"`{name}` has integer input/output; the runtime layer quantized and "
+                   f"dequantized with the file's own parameters ({note}).")
+    if io_notes(report):
+        out.append("")
     ref = report.get("reference") or {}
     div = ref.get("diversity") or {}
     if div:

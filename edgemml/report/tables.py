@@ -56,6 +56,13 @@ def gate_table(report: Report) -> Table | None:
     return table
 
 
+def io_notes(report: Report) -> list[tuple[str, str]]:
+    """(artifact, how it was fed and read) for artifacts with integer input / output (a fully int8
+    .tflite): the report says that their figures went through the file's own scale / zero point."""
+    return [(a["name"], a["notes"]["io"]) for a in report.get("artifacts", [])
+            if (a.get("notes") or {}).get("io")]
+
+
 def artifact_table(report: Report) -> Table:
     table = Table(["artifact", "backend", "runs in", "top-1 %", "top-5 %", "agreement",
                    "max abs diff", "correlation", "p50 ms (b1)", "p90 ms (b1)", "img/s (batch)",

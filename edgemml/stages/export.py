@@ -1,8 +1,11 @@
-"""export: the input model as ONNX and OpenVINO IR, each checked against torch on real samples, plus
-the deployable bundle (folder and .tar.gz) with the int8 models of an earlier quantize stage.
+"""export: the input model as ONNX, OpenVINO IR and (optionally) ExecuTorch .pte and LiteRT .tflite,
+each checked against torch on real samples, plus the deployable bundle (folder and .tar.gz) with the
+int8 models of an earlier quantize stage (which owns every int8 file: see stages/quantize.py).
 
 Outputs: onnx-fp32 (model.fp32.onnx), onnx-fp16 (when fp16: true), openvino-fp32 or openvino-fp16
-(folder with model.xml/.bin), bundle (folder), bundle_archive (bundle.tar.gz), report (export.json).
+(folder with model.xml/.bin), executorch-fp32 (model.fp32.pte), litert-fp32 (model.fp32.tflite),
+bundle (folder), bundle_archive (bundle.tar.gz), report (export.json). The embedded part is in
+_export_embedded.py.
 A conversion whose outputs differ from torch by more than the tolerance is an error, not a warning.
 Every converted model is run right after conversion, through the runtime layer, on real validation
 samples; OpenVINO models with INFERENCE_PRECISION_HINT=f32, and the precision the runtime reports is
@@ -17,12 +20,14 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from edgemml.config import (STAGE_NAME_RE, DataConfig, LoadedPipeline, PreprocessConfig,
                             StageConfig, StrictModel)
 from edgemml.errors import ArtifactError, InputError, StageError
 from edgemml.exporters.options import OnnxOptions
+from edgemml.stages._export_embedded import EmbeddedExportOptions
+from edgemml.stages._quantize_embedded import EMBEDDED, check_extras
 from edgemml.stages.base import Stage, StageContext, StageOutputs
 from edgemml.stages.common import (check_channels, load_input_model, load_stage_data,
                                    model_preprocess, stage_data_files, write_json)
@@ -35,10 +40,12 @@ FP16_ONNX = "model.fp16.onnx"
 BUNDLE = "bundle"
 ARCHIVE = "bundle.tar.gz"
 #: artifacts shipped by default, in this order (fp16 ones only when listed in bundle.include)
-DEFAULT_INCLUDE = ("onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8")
+DEFAULT_INCLUDE = ("onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8", "executorch-fp32",
+                   "executorch-int8", "litert-fp32", "litert-int8")
 
 ArtifactKey = Literal["onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-fp16",
-                      "openvino-int8"]
+                      "openvino-int8", "executorch-fp32", "executorch-int8", "litert-fp32",
+                      "litert-int8"]
 
 
 class OpenVinoExportOptions(StrictModel):
@@ -87,6 +94,12 @@ class ExportConfig(StageConfig):
                        "fp32 inputs/outputs).")
     openvino: OpenVinoExportOptions = Field(default_factory=OpenVinoExportOptions,
                                             description="OpenVINO IR options.")
+    executorch: EmbeddedExportOptions = Field(
+        default_factory=EmbeddedExportOptions, description="ExecuTorch .pte lowered to XNNPACK "
+        "(pip install 'edgemml[executorch]').")
+    litert: EmbeddedExportOptions = Field(
+        default_factory=EmbeddedExportOptions, description="LiteRT .tflite "
+        "(pip install 'edgemml[litert]').")
     quantized: str = Field(
         "auto", description="Quantize stage whose int8 models go into the bundle: its name, auto "
         "(the nearest earlier quantize stage, if any) or none.")
@@ -99,6 +112,13 @@ class ExportConfig(StageConfig):
     data: DataConfig | None = Field(None, description="Data (merged over the pipeline's).")
     preprocess: PreprocessConfig | None = Field(
         None, description="Preprocessing when the input model does not record its own.")
+
+    @field_validator("executorch", "litert")
+    @classmethod
+    def _extras(cls, value: EmbeddedExportOptions, info: ValidationInfo) -> EmbeddedExportOptions:
+        if value.enabled:
+            check_extras([str(info.field_name)], f"set {info.field_name}: {{enabled: false}}")
+        return value
 
     @field_validator("quantized")
     @classmethod
@@ -113,9 +133,10 @@ class ExportStage(Stage[ExportConfig]):
 
     type = "export"
     Config = ExportConfig
-    provides = ("onnx-fp32", "onnx-fp16", "openvino-fp32", "openvino-fp16", "bundle",
-                "bundle_archive", "report")
-    requires = ("torch", "onnx", "onnxruntime", "openvino", "onnxscript", "onnxslim", "onnxsim")
+    provides = ("onnx-fp32", "onnx-fp16", "openvino-fp32", "openvino-fp16", "executorch-fp32",
+                "litert-fp32", "bundle", "bundle_archive", "report")
+    requires = ("torch", "onnx", "onnxruntime", "openvino", "onnxscript", "onnxslim", "onnxsim",
+                "executorch", "torchao", "litert-torch", "ai-edge-litert")
     #: `quantized: auto` picks the nearest earlier quantize stage, which only the run knows
     reads_all_earlier = True
 
@@ -309,6 +330,9 @@ def _convert(ctx: StageContext, config: ExportConfig, model: Any, x: np.ndarray,
                      "inference_precision": checks["inference_precision"], "export": ir.as_dict(),
                      "checks": {"parity_vs_torch": checks}, **ir_signature(folder),
                      "_path": folder}
+    from edgemml.stages._export_embedded import convert_fp32
+
+    arts.update(convert_fp32(ctx, config, model, x, ref, _check))
     return arts, exp
 
 
@@ -338,7 +362,10 @@ def _int8_artifacts(ctx: StageContext, config: ExportConfig, x: np.ndarray,
         return {}
     qreport = json.loads(quant["report"].read_text()) if quant.get("report") else {}
     arts: dict[str, dict[str, Any]] = {}
-    for key, backend in (("onnx-int8", "onnxruntime"), ("openvino-int8", "openvino")):
+    from edgemml.stages._export_embedded import entry as embedded_entry
+
+    for key, backend in (("onnx-int8", "onnxruntime"), ("openvino-int8", "openvino"),
+                         *((f"{t}-int8", t) for t in EMBEDDED)):
         path = quant.get(key)
         if path is None:
             continue
@@ -350,6 +377,9 @@ def _int8_artifacts(ctx: StageContext, config: ExportConfig, x: np.ndarray,
         if key == "onnx-int8":
             entry = {"file": "model.int8.onnx", "files": ["model.int8.onnx"], "format": "onnx",
                      "runtime": "onnxruntime", **io_signature(path)}
+        elif backend in EMBEDDED:
+            entry = embedded_entry(key, path)
+            checks["quantize_report"]["io_note"] = res.get("io_note")
         else:
             entry = {"file": f"{key}/{IR_XML}", "files": [f"{key}/{IR_XML}", f"{key}/model.bin"],
                      "format": "openvino", "runtime": "openvino", "inference_precision": precision,
@@ -399,8 +429,8 @@ def _assemble_bundle(ctx: StageContext, config: ExportConfig, arts: dict[str, di
 def _versions() -> dict[str, str | None]:
     from edgemml.machine import versions
 
-    return versions(("edgemml", "torch", "onnx", "onnxruntime", "openvino", "nncf", "numpy",
-                     "pillow"))
+    return versions(("edgemml", "torch", "onnx", "onnxruntime", "openvino", "nncf", "executorch",
+                     "litert-torch", "ai-edge-litert", "numpy", "pillow"))
 
 
 def _write_samples(bundle: Path, dataset: Any, n: int, classes: list[str],

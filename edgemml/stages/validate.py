@@ -50,7 +50,8 @@ class ArtifactSpec(StrictModel):
     """A model file to validate that no earlier stage produced (a model made elsewhere)."""
 
     path: Path = Field(..., description="An .onnx file, an OpenVINO folder (model.xml + model.bin) "
-                       "or .xml file, or an edgemml model folder (model.json + model.safetensors).")
+                       "or .xml file, an ExecuTorch .pte, a LiteRT .tflite, or an edgemml model "
+                       "folder (model.json + model.safetensors).")
     name: str | None = Field(None, description="Name in the report and in gate selectors "
                              "(default: <format>-<precision> read from the graph).")
 
@@ -78,8 +79,9 @@ class ValidateConfig(StageConfig):
     latency: LatencyConfig = Field(default_factory=LatencyConfig, description="Latency settings.")
     gates: dict[str, GateLimits] = Field(
         default_factory=dict, description="{selector: limits}; a selector is an artifact name "
-        "(onnx-fp32, openvino-int8, openvino-fp32[f32], torch) or a group (all, onnx, openvino, "
-        "fp32, fp16, int8, deployed, exact). `all` covers every artifact but not the reference.")
+        "(onnx-fp32, openvino-int8, openvino-fp32[f32], litert-int8, torch) or a group (all, onnx, "
+        "openvino, executorch, litert, fp32, fp16, int8, deployed, exact). `all` covers every "
+        "artifact but not the reference.")
     baseline: Path | None = Field(None, description="report.json of an earlier run: enables "
                                   "`max_regression` gates and shows the differences.")
     min_correlation: float | None = Field(
@@ -147,7 +149,8 @@ class ValidateStage(Stage[ValidateConfig]):
     type = "validate"
     Config = ValidateConfig
     version = 2
-    requires = ("torch", "onnx", "onnxruntime", "openvino", "torch-pruning", "numpy")
+    requires = ("torch", "onnx", "onnxruntime", "openvino", "torch-pruning", "numpy", "executorch",
+                "ai-edge-litert")
     provides = ("report", "report-md", "junit", "report-html", "bundle-manifest")
     reads_all_earlier = True
 
