@@ -26,6 +26,7 @@ from edgemml.config import (STAGE_NAME_RE, DataConfig, LoadedPipeline, Preproces
                             StageConfig, StrictModel)
 from edgemml.errors import ArtifactError, InputError, StageError
 from edgemml.exporters.options import OnnxOptions
+from edgemml.stages._export_convert import convert, outputs_of
 from edgemml.stages._export_embedded import EmbeddedExportOptions
 from edgemml.stages._quantize_embedded import EMBEDDED, check_extras
 from edgemml.stages.base import Stage, StageContext, StageOutputs
@@ -35,8 +36,6 @@ from edgemml.stages.common import (check_channels, load_input_model, load_stage_
 if TYPE_CHECKING:
     import numpy as np
 
-FP32_ONNX = "model.fp32.onnx"
-FP16_ONNX = "model.fp16.onnx"
 BUNDLE = "bundle"
 ARCHIVE = "bundle.tar.gz"
 #: artifacts shipped by default, in this order (fp16 ones only when listed in bundle.include)
@@ -186,7 +185,7 @@ class ExportStage(Stage[ExportConfig]):
         pool = data.val if len(data.val) else (data.test if len(data.test) else data.train)
         x, _ = as_arrays(pool, evenly_spaced(len(pool), config.parity_samples))
         ref = runtimes.backend("torch").logits(model, x)
-        arts, exp = _convert(ctx, config, model, x, ref)
+        arts, exp = convert(ctx, config, model, x, ref)
         arts.update(_int8_artifacts(ctx, config, x, ref))
         outputs = {key: art["_path"] for key, art in arts.items() if art.get("source_stage") is None}
         report: dict[str, Any] = {
@@ -238,104 +237,6 @@ def _sign(ctx: StageContext, config: ExportConfig, bundle: Path) -> str | None:
     return kid
 
 
-def _check(name: str, ref: np.ndarray, out: np.ndarray, tolerance: float) -> dict[str, Any]:
-    from edgemml.metrics import check_parity
-
-    result = check_parity(ref, out, tolerance=tolerance)
-    if not result.ok:
-        raise StageError(
-            f"{name} differs from torch: max abs diff {result.max_abs_diff:.3g} = "
-            f"{result.rel_diff:.3g} of the output scale {result.output_scale:.3g} (tolerance "
-            f"{tolerance:g}); top-1 agreement {result.top1_agreement:.1%} on {result.samples} "
-            f"samples",
-            hint="try onnx.exporter: torchscript (or dynamo), another opset, or slim: none")
-    return result.as_dict()
-
-
-def _outputs_of(path: Path, x: np.ndarray, *, exact: bool = True) -> tuple[np.ndarray, str]:
-    """Outputs of an artifact on x (all cores: only the values matter here) and the precision its
-    runtime computed them in."""
-    from edgemml import runtimes
-
-    runner = runtimes.open_artifact(path, threads=None, exact=exact)
-    return runtimes.predict(runner, x), runner.precision
-
-
-def _ov_parity(name: str, folder: Path, x: np.ndarray, ref: np.ndarray,
-               tolerance: float) -> dict[str, Any]:
-    from edgemml.metrics import check_parity
-
-    out, precision = _outputs_of(folder, x)
-    checks = _check(f"{name} (OpenVINO, {precision})", ref, out, tolerance)
-    checks["inference_precision"] = precision
-    out, default_precision = _outputs_of(folder, x, exact=False)
-    info = check_parity(ref, out, tolerance=tolerance).as_dict()
-    checks["default_hint"] = {"inference_precision": default_precision,
-                              "rel_diff": info["rel_diff"], "max_abs_diff": info["max_abs_diff"],
-                              "top1_agreement": info["top1_agreement"]}
-    return checks
-
-
-def _convert(ctx: StageContext, config: ExportConfig, model: Any, x: np.ndarray,
-             ref: np.ndarray) -> tuple[dict[str, dict[str, Any]], Any]:
-    """fp32 ONNX (and fp16 ONNX, OpenVINO IR), each checked against torch on x."""
-    import torch
-
-    from edgemml.exporters.onnx import (check_onnx, convert_fp16, export_onnx, io_signature,
-                                        slim_onnx)
-    from edgemml.exporters.openvino import IR_XML, convert_to_ir, ir_signature
-
-    arts: dict[str, dict[str, Any]] = {}
-    fp32 = ctx.work_dir / FP32_ONNX
-    exp = export_onnx(model, torch.from_numpy(x[:2]), fp32, opset=config.onnx.opset,
-                      exporter=config.onnx.exporter, input_name=config.onnx.input_name,
-                      output_name=config.onnx.output_name, dynamic_batch=config.onnx.dynamic_batch,
-                      log=ctx.log)
-    exp.slimmed_with = slim_onnx(fp32, config.slim)
-    check_onnx(fp32)
-    parity = _check(FP32_ONNX, ref, _outputs_of(fp32, x)[0], config.tolerance)
-    ctx.log(f"onnx-fp32: opset {exp.opset} via {exp.exporter}"
-            f"{', slimmed with ' + exp.slimmed_with if exp.slimmed_with else ''}; max abs diff vs "
-            f"torch {parity['max_abs_diff']:.3g} ({parity['rel_diff']:.2g} of scale) on "
-            f"{parity['samples']} samples")
-    arts["onnx-fp32"] = {"file": FP32_ONNX, "files": [FP32_ONNX], "format": "onnx",
-                         "precision": "fp32", "runtime": "onnxruntime", "export": exp.as_dict(),
-                         "checks": {"parity_vs_torch": parity}, **io_signature(fp32),
-                         "_path": fp32}
-    if config.fp16:
-        fp16 = ctx.work_dir / FP16_ONNX
-        convert_fp16(fp32, fp16)
-        check_onnx(fp16)
-        p16 = _check(FP16_ONNX, ref, _outputs_of(fp16, x)[0], config.fp16_tolerance)
-        arts["onnx-fp16"] = {"file": FP16_ONNX, "files": [FP16_ONNX], "format": "onnx",
-                             "precision": "fp16", "runtime": "onnxruntime",
-                             "checks": {"parity_vs_torch": p16}, **io_signature(fp16),
-                             "_path": fp16}
-    if config.openvino.enabled:
-        w = config.openvino.weights
-        key = f"openvino-{w}"
-        folder = ctx.work_dir / key
-        ir = convert_to_ir(fp32 if config.openvino.source == "onnx" else model, folder,
-                           example=torch.from_numpy(x[:2]), weights=w,
-                           input_name=config.onnx.input_name, output_name=config.onnx.output_name,
-                           dynamic_batch=config.onnx.dynamic_batch)
-        checks = _ov_parity(key, folder, x, ref,
-                            config.tolerance if w == "fp32" else config.fp16_tolerance)
-        ctx.log(f"{key}: from {ir.source}, runs in {checks['inference_precision']}: max abs diff vs "
-                f"torch {checks['max_abs_diff']:.3g}; with OpenVINO's default precision "
-                f"({checks['default_hint']['inference_precision']}) it would be "
-                f"{checks['default_hint']['max_abs_diff']:.3g}")
-        arts[key] = {"file": f"{key}/{IR_XML}", "files": [f"{key}/{IR_XML}", f"{key}/model.bin"],
-                     "format": "openvino", "precision": w, "runtime": "openvino",
-                     "inference_precision": checks["inference_precision"], "export": ir.as_dict(),
-                     "checks": {"parity_vs_torch": checks}, **ir_signature(folder),
-                     "_path": folder}
-    from edgemml.stages._export_embedded import convert_fp32
-
-    arts.update(convert_fp32(ctx, config, model, x, ref, _check))
-    return arts, exp
-
-
 def _quantize_stage(ctx: StageContext, config: ExportConfig) -> StageOutputs | None:
     if config.quantized == "none":
         return None
@@ -373,7 +274,7 @@ def _int8_artifacts(ctx: StageContext, config: ExportConfig, x: np.ndarray,
         checks: dict[str, Any] = {"quantize_report": {
             k: res.get(k) for k in ("top1_pct", "accuracy_drop_pp", "top1_agreement_with_fp32",
                                     "float_layers")}}
-        out, precision = _outputs_of(path, x)
+        out, precision = outputs_of(path, x)
         if key == "onnx-int8":
             entry = {"file": "model.int8.onnx", "files": ["model.int8.onnx"], "format": "onnx",
                      "runtime": "onnxruntime", **io_signature(path)}
@@ -456,7 +357,7 @@ def _write_samples(bundle: Path, dataset: Any, n: int, classes: list[str],
         dataset.raw_image(i).save(bundle / name, format="PNG")
         samples.append({"file": name, "label": label or None, "predictions": {}})
     for m in models:
-        logits, _ = _outputs_of(bundle / m["file"], x)
+        logits, _ = outputs_of(bundle / m["file"], x)
         for s, k in zip(samples, logits.argmax(1).tolist()):
             s["predictions"][m["file"]] = classes[k]
     return samples
