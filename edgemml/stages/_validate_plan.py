@@ -117,6 +117,23 @@ class _Planner:
         self.stages = sorted(ctx.inputs.values(), key=lambda o: self.order.get(o.name, 999))
         self.model_stages = [o for o in self.stages if o.get("model") is not None]
         self.refs: dict[str, tuple[Subject, Any]] = {}
+        self.sweep_source = self._sweep_source()
+
+    def _sweep_source(self) -> str | None:
+        """With a sweep, the model every branch starts from (e.g. the unpruned one) is the primary
+        reference: the front compares every point with it. None without a sweep."""
+        for sweep in getattr(self.ctx.pipeline, "sweeps", []):
+            first = sweep.points[0].names[sweep.stage]
+            cfg = next((c for c in self.ctx.pipeline.stages if (c.name or c.type) == first), None)
+            source = cfg.input if cfg is not None else None
+            if source is not None and any(o.name == source for o in self.model_stages):
+                return source
+        return None
+
+    def ref_name(self, stage: str) -> str:
+        last = self.model_stages[-1].name
+        primary = self.sweep_source or last
+        return "torch" if stage == primary else f"torch@{stage}"
 
     def ref_for(self, stage_name: str) -> str:
         """The torch model an artifact was made from: the nearest model stage up to its own."""
@@ -124,7 +141,7 @@ class _Planner:
         if not src:
             return self.plan.primary or ""
         o = src[-1]
-        name = "torch" if o is self.model_stages[-1] else f"torch@{o.name}"
+        name = self.ref_name(o.name)
         if name not in self.refs:
             self.refs[name] = _torch_subject(name, o["model"], o.name)
         return name
@@ -146,7 +163,7 @@ class _Planner:
                 self.plan.primary = "torch"
                 return "torch"
         elif self.model_stages:
-            self.plan.primary = self.ref_for(self.model_stages[-1].name)
+            self.plan.primary = self.ref_for(self.sweep_source or self.model_stages[-1].name)
         return None
 
     def stage_artifacts(self, explicit: str | None) -> list[Subject]:
@@ -225,3 +242,27 @@ def make_plan(ctx: StageContext, config: ValidateConfig) -> Plan:
         s for n, (s, _) in planner.refs.items() if n != plan.primary]
     plan.subjects = refs + arts
     return plan
+
+
+def check_bundle_labels(folder: Path, classes: list[str]) -> None:
+    """The names a bundle prints come from its labels.txt, read the way its predict.py reads it:
+    they must be the classes measured here, in order, or every figure is right and every printed
+    label wrong."""
+    from edgemml.exporters.bundle import read_labels
+
+    manifest = read_json(folder / "manifest.json")
+    name = manifest.get("labels") if isinstance(manifest, dict) else None
+    path = folder / str(name or "labels.txt")
+    if not path.is_file():
+        if name is None:
+            return  # a bundle made elsewhere that prints no names
+        raise InputError(f"the bundle's manifest names {name}, which is missing", file=folder,
+                         hint="re-export the bundle (edgemml run ... --from export)")
+    labels = read_labels(path)
+    if labels != classes:
+        diff = next((i for i, (a, b) in enumerate(zip(labels, classes)) if a != b),
+                    min(len(labels), len(classes)))
+        raise InputError(f"{path.name} has {len(labels)} names, which differ from the "
+                         f"{len(classes)} classes validated from line {diff + 1} on (predict.py "
+                         f"would print wrong labels)", file=path,
+                         hint="re-export the bundle (edgemml run ... --from export)")

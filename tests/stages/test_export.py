@@ -100,6 +100,7 @@ def test_bundle_predict_runs_without_torch_and_matches_the_pipeline(tmp_path, mo
     import hashlib
 
     from edgemml import runtimes
+    from edgemml.artifacts import sha256_file
     from edgemml.data.datasets import as_arrays, evenly_spaced
 
     write(tmp_path / "pipeline.yaml", HEAD + f"""
@@ -159,11 +160,18 @@ def test_bundle_predict_runs_without_torch_and_matches_the_pipeline(tmp_path, mo
     assert rerun.returncode == 0, _explain(rerun)
     assert digests() == before
 
-    # labels.txt edited (a U+2028 inside a name): predict.py and `edgemml validate` refuse it
+    # labels.txt with a U+2028 inside a name, its sha256 in the manifest updated to match (as a
+    # tool that wrote such a name would): not caught by the file table, but predict.py reads it
+    # one name per "\n" line, finds 10 names that differ from the manifest's classes and refuses;
+    # so does `edgemml validate`
     tampered = tmp_path / "tampered"
     shutil.copytree(bundle, tampered / "bundle")
     labels = tampered / "bundle/labels.txt"
     labels.write_text(labels.read_text().replace("3\n", "3\u2028x\n"), encoding="utf-8")
+    tampered_manifest = json.loads((tampered / "bundle/manifest.json").read_text())
+    tampered_manifest["files"]["labels.txt"] = {"sha256": sha256_file(labels),
+                                                "bytes": labels.stat().st_size}
+    (tampered / "bundle/manifest.json").write_text(json.dumps(tampered_manifest, indent=2))
     listed = subprocess.run([sys.executable, "-s", str(tampered / "bundle/predict.py"),
                              str(bundle / "samples")], env=env, capture_output=True, text=True,
                             cwd=tmp_path)
