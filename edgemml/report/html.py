@@ -12,7 +12,7 @@ import io
 import json
 from typing import Any
 
-from edgemml.report.markdown import artifact_table, gate_table
+from edgemml.report.markdown import artifact_table, gate_table, rewrite_sections
 
 _COLORS = {"torch": "#555555", "onnxruntime": "#1f77b4", "openvino": "#d62728"}
 _MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
@@ -222,6 +222,9 @@ def render_html(report: dict[str, Any]) -> str:
         "<h2>Gates</h2>", _md_table_to_html(gate_table(report, emoji=False)),
         "<h2>Artifacts</h2>", _md_table_to_html(artifact_table(report)),
     ]
+    for line, rows in rewrite_sections(report):
+        parts += ["<h2>Rewrite: original vs rewritten in int8</h2>",
+                  f"<p>{html.escape(line.replace('`', ''))}</p>", _md_table_to_html(rows)]
     for pid, title, svg in plots:
         if svg is None:
             continue

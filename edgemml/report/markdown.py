@@ -58,6 +58,49 @@ def artifact_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def rewrite_sections(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Per `rewrite` stage of the run: (one summary line, a table) comparing the int8 artifacts of
+    its input model (the original) with those of its output (the rewritten model).
+
+    An int8 artifact belongs to whichever torch reference it was measured against, so the two
+    sides are told apart by the references' stages: the rewrite stage's `input_stage` (from its
+    recorded metrics) and the rewrite stage itself. Only figures already in report.json are used.
+    """
+    arts = report.get("artifacts") or []
+    torch_by_stage = {a.get("stage"): a for a in arts if a.get("format") == "torch"}
+    out: list[tuple[str, list[str]]] = []
+    for st in report.get("stages") or []:
+        if st.get("type") != "rewrite":
+            continue
+        metrics = st.get("metrics") or {}
+        ref_old = torch_by_stage.get(metrics.get("input_stage"))
+        ref_new = torch_by_stage.get(st["name"])
+        if ref_old is None or ref_new is None:
+            continue
+        top = {k: (r.get("accuracy") or {}).get("top1_pct") for k, r in
+               (("old", ref_old), ("new", ref_new))}
+        loss = None if None in top.values() else top["old"] - top["new"]
+        line = (f"Rewrite `{st['name']}` of `{metrics.get('input_stage')}` "
+                f"({metrics.get('replaced')} activations replaced, {metrics.get('se_removed')} "
+                f"SE blocks removed): fp32 top-1 {fmt(top['old'])} % -> {fmt(top['new'])} % "
+                f"({fmt(loss)} points lost); int8 drop is each int8 artifact against its own fp32 "
+                f"model, agreement likewise.")
+        rows = ["| model | int8 artifact | runs in | fp32 top-1 % | int8 top-1 % | int8 drop "
+                "(points) | int8 agreement | p50 ms (b1) |", "|---|---|---|---:|---:|---:|---:|---:|"]
+        for label, ref in (("original", ref_old), ("rewritten", ref_new)):
+            for a in arts:
+                if a.get("precision") != "int8" or a.get("reference") != ref["name"]:
+                    continue
+                par, lat = a.get("parity") or {}, a.get("latency") or {}
+                rows.append(f"| {label} | {a['name']} | {a.get('runtime_precision', '-')} | "
+                            f"{_cell(top['old' if label == 'original' else 'new'])} | "
+                            f"{_cell((a.get('accuracy') or {}).get('top1_pct'))} | "
+                            f"{_cell(par.get('accuracy_drop_pp'))} | {_cell(par.get('agreement'))} "
+                            f"| {_cell(lat.get('batch1_median_ms'))} |")
+        out.append((line, rows))
+    return out
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     status = report.get("status", "?")
     failed = sum(r["status"] == "fail" for r in report.get("gates", []))
@@ -83,6 +126,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             "appear twice: as deployed (the CPU's default precision, shown in \"runs in\") and "
             "as `[f32]` with `INFERENCE_PRECISION_HINT=f32` for exact parity. ★ = recommended.",
             ""] + artifact_table(report) + [""]
+    for line, rows in rewrite_sections(report):
+        out += ["## Rewrite: original vs rewritten in int8", "", line, ""] + rows + [""]
     ref = report.get("reference") or {}
     div = ref.get("diversity") or {}
     if div:

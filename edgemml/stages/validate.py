@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator
 
 from edgemml.artifacts import read_json, sha256_file, write_json_atomic
-from edgemml.config import DataConfig, LoadedPipeline, PreprocessConfig, StageConfig, StrictModel
+from edgemml.config import (
+    DataConfig,
+    LoadedPipeline,
+    PreprocessConfig,
+    StageConfig,
+    StrictModel,
+    stage_name,
+)
 from edgemml.errors import InputError, StageError
 from edgemml.report.gates import GateLimits, check_selector
 from edgemml.stages import common
@@ -243,9 +250,14 @@ def _plan(ctx: StageContext, config: ValidateConfig) -> _Plan:
     model_stages = [o for o in stages if o.get("model") is not None]
     refs: dict[str, _Item] = {}
 
-    def ref_for(stage_name: str) -> str:
-        """The torch model an artifact was made from: the nearest model stage up to its own."""
-        src = [o for o in model_stages if order[o.name] <= order[stage_name]]
+    inputs = {stage_name(c): c.input for c in ctx.pipeline.stages}
+
+    def ref_for(name: str) -> str:
+        """The torch model an artifact was made from: the model stage its stage names as `input:`
+        (e.g. the int8 of the model before a rewrite), else the nearest model stage up to its own."""
+        own = any(o.name == name for o in model_stages)
+        named = [] if own else [o for o in model_stages if o.name == inputs.get(name)]
+        src = named or [o for o in model_stages if order[o.name] <= order[name]]
         if not src:
             return plan.primary or ""
         o = src[-1]
