@@ -534,11 +534,12 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Loade
             raise
         configs.append(cfg)
 
-    _check_stage_graph(configs, file, ctx)
+    _check_stage_graph(configs, file, ctx, top.model)
     return LoadedPipeline(top, configs, path, raw)
 
 
-def _check_stage_graph(configs: list[StageConfig], file: str, ctx: _ErrorContext) -> None:
+def _check_stage_graph(configs: list[StageConfig], file: str, ctx: _ErrorContext,
+                       model: ModelConfig | None = None) -> None:
     from edgemml import stages as stage_registry
 
     seen: list[str] = []
@@ -560,4 +561,10 @@ def _check_stage_graph(configs: list[StageConfig], file: str, ctx: _ErrorContext
                                       int(k) if k.isdigit() else k for k in ref_key.split("."))),
                                   key=f"stages[{i}].{cfg.type}.{ref_key}",
                                   hint=hint or (f"earlier stages: {', '.join(seen)}" if seen else None))
+        issue = stage_cls.check_pipeline(cfg, configs[:i], model)
+        if issue is not None:
+            key, message, hint = issue
+            where = tuple(int(k) if k.isdigit() else k for k in key.split("."))
+            raise ConfigError(message, file=file, line=ctx.line_for(("stages", i) + where),
+                              key=f"stages[{i}].{cfg.type}.{key}", hint=hint)
         seen.append(name)
