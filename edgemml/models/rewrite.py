@@ -357,24 +357,25 @@ def fit_se_scales(model: nn.Module, paths: list[str],
     return out
 
 
-def _fold_into(conv: nn.Module, scale: torch.Tensor) -> bool:
-    """Multiply a convolution's (or Linear's) input channel c by scale[c]; False if it can't."""
+def _foldable(module: nn.Module, channels: int) -> bool:
+    """Whether a per-input-channel scale can be folded into the module's weight."""
+    if isinstance(module, nn.Linear):
+        return module.in_features == channels
+    return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed
+            and module.in_channels == channels)
+
+
+def _fold_into(conv: nn.Module, scale: torch.Tensor) -> None:
+    """Multiply a convolution's (or Linear's) input channel c by scale[c] (see _foldable)."""
     if isinstance(conv, nn.Linear):
-        if conv.in_features != scale.numel():
-            return False
         conv.weight.mul_(scale.view(1, -1))
-        return True
-    if not isinstance(conv, nn.modules.conv._ConvNd) or conv.transposed:
-        return False
-    if conv.in_channels != scale.numel():
-        return False
+        return
     cpg = conv.in_channels // conv.groups
     opg = conv.out_channels // conv.groups
     group = torch.arange(conv.out_channels) // opg  # group of each output row
     index = group.view(-1, 1) * cpg + torch.arange(cpg).view(1, -1)  # input channel per (row, j)
     factor = scale[index].view(conv.out_channels, cpg, *([1] * (conv.weight.dim() - 2)))
     conv.weight.mul_(factor)
-    return True
 
 
 @torch.no_grad()
@@ -382,49 +383,71 @@ def remove_squeeze_excitation(model: nn.Module, paths: list[str], fits: Mapping[
                               check_batch: torch.Tensor, *, fold: bool = True) -> list[SERemoval]:
     """Replace each SE module by nn.Identity (in place), folding its fitted scale when possible.
 
-    Each fold is checked: the model with the SE replaced by a constant-scale module and the model
-    with the scale folded must agree on `check_batch`; when they do not (the consumer also reads
-    other tensors, or is shared), the fold is undone and the SE is removed without it.
+    The folds are checked on `check_batch`: the model with every foldable gate replaced by a
+    constant-scale module must equal the model with the scales folded (two forward passes for all
+    gates together; only when they differ is each fold checked alone, and the folds that do not
+    hold — the consumer also reads other tensors, or is shared — are undone and reported).
     """
-    removed: list[SERemoval] = []
     model.eval()
+    notes: dict[str, str | None] = {}
+    consumer: dict[str, str] = {}
     for path in paths:
         fit = fits[path]
-        channels = int(fit.scale.numel())
-        stats = (float(fit.scale.mean()), float(fit.scale.min()), float(fit.scale.max())) \
-            if channels else (None, None, None)
-        consumer = next(iter(fit.consumers)) if len(fit.consumers) == 1 else None
-        note = None
         if not fit.shape_kept:
             raise ValueError(f"{path} changes the shape of its input: it is not a "
                              f"squeeze-excitation gate that can be removed")
         if not fold:
-            note = "not folded (se_fold: false)"
-        elif not channels:
-            note = "not folded: the module never ran on the data"
-        elif consumer is None:
-            note = (f"not folded: its output feeds {len(fit.consumers)} modules"
-                    if fit.consumers else "not folded: no module consumes its output directly")
-        folded_into = None
-        if note is None:
-            assert consumer is not None
-            _set(model, path, _ConstantScale(fit.scale))
-            reference = model(check_batch)
-            target = model.get_submodule(consumer)
-            saved = target.weight.detach().clone()
-            _set(model, path, nn.Identity())
-            if _fold_into(target, fit.scale):
-                got = model(check_batch)
-                tol = 1e-4 * float(reference.abs().max()) + 1e-6
-                if float((got - reference).abs().max()) <= tol:
-                    folded_into = consumer
-                else:
-                    target.weight.copy_(saved)
-                    note = f"not folded: {consumer} does not consume its output alone"
-            else:
-                note = f"not folded: {consumer} ({type(target).__name__}) cannot take a scale"
+            notes[path] = "not folded (se_fold: false)"
+        elif not fit.scale.numel():
+            notes[path] = "not folded: the module never ran on the data"
+        elif len(fit.consumers) != 1:
+            notes[path] = (f"not folded: its output feeds {len(fit.consumers)} modules"
+                           if fit.consumers else "not folded: no module consumes its output directly")
+        elif not _foldable(model.get_submodule(next(iter(fit.consumers))), fit.scale.numel()):
+            target = next(iter(fit.consumers))
+            notes[path] = (f"not folded: {target} "
+                           f"({type(model.get_submodule(target)).__name__}) cannot take a scale")
+        else:
+            consumer[path] = next(iter(fit.consumers))
+            notes[path] = None
+
+    def check(candidates: list[str]) -> bool:
+        """Candidates frozen to their constant gate (the other gates removed) vs the candidates'
+        scales folded; the weights are restored either way."""
+        for p in paths:
+            _set(model, p, _ConstantScale(fits[p].scale) if p in candidates else nn.Identity())
+        reference = model(check_batch)
+        saved: dict[str, torch.Tensor] = {}
+        for p in candidates:
+            target = model.get_submodule(consumer[p])
+            saved.setdefault(consumer[p], target.weight.detach().clone())
+            _fold_into(target, fits[p].scale)
+            _set(model, p, nn.Identity())
+        got = model(check_batch)
+        for name, weight in saved.items():
+            model.get_submodule(name).weight.copy_(weight)
+        return float((got - reference).abs().max()) <= 1e-4 * float(reference.abs().max()) + 1e-6
+
+    candidates = [p for p in paths if notes[p] is None]
+    if candidates and not check(candidates):
+        for path in candidates:  # find the folds that do not hold, one by one
+            if not check([path]):
+                notes[path] = f"not folded: {consumer[path]} does not consume its output alone"
+        candidates = [p for p in candidates if notes[p] is None]
+        if candidates and not check(candidates):
+            raise RuntimeError("SE folds that hold alone do not hold together")  # a bug: exit 3
+    for path in candidates:
+        _fold_into(model.get_submodule(consumer[path]), fits[path].scale)
+    for path in paths:
         _set(model, path, nn.Identity())
-        removed.append(SERemoval(path, channels, folded_into, *stats, note=note))
+    removed = []
+    for path in paths:
+        scale = fits[path].scale
+        stats = (float(scale.mean()), float(scale.min()), float(scale.max())) if scale.numel() \
+            else (None, None, None)
+        removed.append(SERemoval(path, int(scale.numel()),
+                                 consumer[path] if notes[path] is None else None, *stats,
+                                 note=notes[path]))
     return removed
 
 
