@@ -83,3 +83,17 @@ class SharedSE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.se(x)
         return self.conv(y) + y
+
+
+def random_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, in eval mode: random init has identity
+    BatchNorm, under which copied, zeroed or folded channels could look exact by accident."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model.eval()

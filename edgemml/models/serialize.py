@@ -278,3 +278,11 @@ def load_model(folder: Path) -> tuple[nn.Module, ModelSpec]:
                          hint="the two files must come from the same save_model call") from None
     model.eval()
     return model, spec
+
+
+def reloads_identically(model: nn.Module, folder: Path, example: torch.Tensor) -> bool:
+    """Whether the model saved in `folder` rebuilds (architecture, recorded layer shapes and module
+    replacements) into a module with bit-identical outputs on `example`."""
+    reloaded, _ = load_model(folder)
+    with torch.no_grad():
+        return torch.equal(model.eval()(example), reloaded(example))

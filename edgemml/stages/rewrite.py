@@ -109,9 +109,8 @@ class RewriteStage(Stage[RewriteConfig]):
         return common.stage_data_files(config, pipeline)
 
     def run(self, ctx: StageContext, config: RewriteConfig) -> dict[str, Path]:
-        import torch
-
         from edgemml.models.rewrite import rewrite_model
+        from edgemml.models.serialize import reloads_identically
         from edgemml.training import evaluate, make_loader, recalibrate_bn, seed_everything, train
 
         seed_everything(ctx.seed)
@@ -172,7 +171,9 @@ class RewriteStage(Stage[RewriteConfig]):
         if not spec.class_names:
             spec.class_names = list(splits.classes)
         out = common.save_model_output(ctx, model, spec)
-        _check_reload(model, out, example, ctx.name)
+        if not reloads_identically(model, out, example):  # model.json records the rewrite
+            raise StageError("the saved rewritten model does not reload to identical outputs",
+                             stage=ctx.name, hint="this is a bug in edgemml; please report it")
         shutil.rmtree(ctx.work_dir / "recover", ignore_errors=True)
 
         params = (sum(p.numel() for p in original.parameters()),
@@ -226,20 +227,6 @@ def _check_matched(ctx: StageContext, config: RewriteConfig, original: nn.Module
                  f"are not replaced")
     for note in result.notes:
         ctx.warn(note)
-
-
-def _check_reload(model: nn.Module, folder: Path, example: Any, stage: str) -> None:
-    """The saved model must rebuild (module_types in model.json) to identical outputs."""
-    import torch
-
-    from edgemml.models import load_model
-
-    reloaded, _ = load_model(folder)
-    with torch.no_grad():
-        same = torch.equal(model.eval()(example), reloaded(example))
-    if not same:
-        raise StageError("the saved rewritten model does not reload to identical outputs",
-                         stage=stage, hint="this is a bug in edgemml; please report it")
 
 
 def _report(ctx: StageContext, config: RewriteConfig, result: RewriteResult,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from adapt_models import random_bn
 from conftest import REPO, run_cli, write
 from edgemml.arch_families import family, weights_arch
 from edgemml.config import ModelConfig
@@ -35,23 +36,9 @@ def _explain(proc) -> str:
     return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
 
 
-def _random_bn(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine parameters (random init has identity BN, under
-    which copied or zeroed channels could look exact by accident)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-    return model.eval()
-
-
 def _tv(arch: str, seed: int, **options) -> nn.Module:
     torch.manual_seed(seed)
-    return _random_bn(build_model(ModelConfig(arch=f"torchvision/{arch}", options=options),
+    return random_bn(build_model(ModelConfig(arch=f"torchvision/{arch}", options=options),
                                   num_classes=10, in_chans=3), seed)
 
 
@@ -98,10 +85,10 @@ def test_net2wider_split_is_exact_and_random_shares_break_symmetry():
     from adapt_models import tiny_resnet
 
     torch.manual_seed(0)
-    source = _random_bn(tiny_resnet(10, 1, width=8), 1)
+    source = random_bn(tiny_resnet(10, 1, width=8), 1)
     x = torch.randn(8, 1, 12, 12)
     for split in ("equal", "random"):
-        target = _random_bn(tiny_resnet(10, 1, width=13), 2)
+        target = random_bn(tiny_resnet(10, 1, width=13), 2)
         _grow(source, target, "stem.0", "fc", x, split=split)
         with torch.no_grad():
             a, b = source(x), target(x)
@@ -186,7 +173,7 @@ def test_stage_grows_deeper_and_wider_exactly(tmp_path: Path):
     from adapt_models import tiny_resnet
 
     torch.manual_seed(0)
-    source = _random_bn(tiny_resnet(10, 1, width=8, blocks=1), 1)
+    source = random_bn(tiny_resnet(10, 1, width=8, blocks=1), 1)
     src = _saved(tmp_path / "src", source, python="adapt_models:tiny_resnet",
                  options={"width": 8, "blocks": 1})
     target = '{python: "adapt_models:tiny_resnet", options: {width: 12, blocks: 3}}'
@@ -238,7 +225,7 @@ def test_growth_errors_exit_2(tmp_path: Path):
 
     # User architectures: only the stage can see that the source does not fit by name.
     torch.manual_seed(0)
-    src = _saved(tmp_path / "res", _random_bn(tiny_resnet(10, 1), 1),
+    src = _saved(tmp_path / "res", random_bn(tiny_resnet(10, 1), 1),
                  python="adapt_models:tiny_resnet")
     write(tmp_path / "other.yaml", PIPE.format(
         src=src, target='{python: "adapt_models:tiny_other"}'))
@@ -257,7 +244,7 @@ def test_growth_errors_exit_2(tmp_path: Path):
     # Not function-preserving (shufflenet's channel shuffle) with min_function_match: exit 2,
     # naming where the outputs part; without it, the stage runs and says "no".
     torch.manual_seed(0)
-    shuffle = _saved(tmp_path / "sh", _random_bn(build_model(
+    shuffle = _saved(tmp_path / "sh", random_bn(build_model(
         ModelConfig(arch="torchvision/shufflenet_v2_x0_5"), num_classes=10, in_chans=1), 1),
         arch="torchvision/shufflenet_v2_x0_5")
     write(tmp_path / "shuffle.yaml", PIPE.format(

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchvision.ops.misc import SqueezeExcitation
 
+from adapt_models import random_bn
 from conftest import REPO, run_cli, write
 from edgemml import activation_names as names
 from edgemml.config import ModelConfig
@@ -26,17 +27,9 @@ def _explain(proc) -> str:
 
 
 def _tv(arch: str) -> nn.Module:
-    """A torchvision model with non-trivial BatchNorm statistics (random init has identity BN)."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=f"torchvision/{arch}"), num_classes=10, in_chans=3)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
+    return random_bn(build_model(ModelConfig(arch=f"torchvision/{arch}"), num_classes=10,
+                                 in_chans=3), 1)
 
 
 def _paths(model: nn.Module, cls: type) -> set[str]:
