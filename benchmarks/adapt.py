@@ -112,7 +112,7 @@ def run(pipeline: dict[str, Any], workdir: Path, threads: int) -> tuple[Path, fl
                            str(out), "--quiet"], cwd=REPO, env=env, capture_output=True,
                           text=True)
     seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
+    if proc.returncode not in (0, 1):  # 1: a validation gate failed; every report is written
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
         raise SystemExit(f"{path}: edgemml run exited {proc.returncode}")
     return out, seconds
@@ -143,12 +143,15 @@ def rewrite_result(arch: str, run_dir: Path, seconds: float) -> dict[str, Any]:
                      "agreement": a["parity"]["agreement"],
                      "batch1_median_ms": a["latency"]["batch1_median_ms"]})
     stages = {s["name"]: s.get("wall_time_s") for s in report["stages"]}
+    if report["gate_failures"]:
+        print(f"{arch}: gate failures: {report['gate_failures']}", flush=True)
     return {"arch": arch, "rewrite": REWRITES[arch], "run_dir": str(run_dir),
             "test_n": report["data"]["n"], "fp32_top1_pct": fp32,
             "fp32_loss_pp": fp32["original"] - fp32["rewritten"],
             "replaced": rewrite["counts"],
             "se_removed": len(rewrite["squeeze_excitation"]["removed"]),
             "val_accuracy": rewrite["accuracy"], "int8": int8, "stage_seconds": stages,
+            "gate_failures": report["gate_failures"],
             "wall_seconds": seconds}
 
 

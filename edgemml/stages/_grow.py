@@ -190,7 +190,8 @@ def init_new(growth: Growth, model: nn.Module, fused: dict[str, Any], head: str,
 
 
 def source_model(src: Any, in_chans: int) -> tuple[nn.Module | None, str | None]:
-    """A runnable source model: the source stage's, or the checkpoint's in its architecture."""
+    """A runnable source model: the source stage's, or the checkpoint's in its architecture
+    (`arch:`, or the one torchvision weights name), else (None, why)."""
     from edgemml.models import build_model
     from edgemml.models.transfer import normalize_key
 
@@ -199,10 +200,11 @@ def source_model(src: Any, in_chans: int) -> tuple[nn.Module | None, str | None]
     arch = src.arch.arch if src.arch is not None else weights_arch(src.label)
     if arch is None:
         return None, "the source's architecture is unknown (give sources[0].arch)"
-    head_rows = [v.shape[0] for k, v in src.state.items() if v.dim() == 2]
+    head_rows = [v.shape[0] for v in src.state.values() if v.dim() == 2]
+    stems = [v.shape[1] for v in src.state.values() if v.dim() == 4]
     try:
         model = build_model(ModelConfig(arch=arch), num_classes=head_rows[-1] if head_rows else 1000,
-                            in_chans=in_chans)
+                            in_chans=stems[0] if stems else in_chans)
         model.load_state_dict({normalize_key(k): v for k, v in src.state.items()}, strict=True)
     except Exception as exc:  # noqa: BLE001 - any failure: the match is reported as not measured
         return None, f"the checkpoint does not load into {arch}: {str(exc).splitlines()[0][:200]}"
@@ -213,9 +215,13 @@ def measure(source: nn.Module | None, why_not: str | None, model: nn.Module, bat
             rows: list[tuple[int, int]] | None) -> FunctionMatch:
     """Function match of source vs target (and, when not exact, where they part)."""
     from edgemml.models.growth import FunctionMatch, first_divergence, function_match
+    from edgemml.training import input_channels
 
     if source is None:
         return FunctionMatch(False, why_not)
+    if batches and input_channels(source) not in (None, batches[0].shape[1]):
+        return FunctionMatch(False, f"the source takes {input_channels(source)} input channels, "
+                             f"the target {batches[0].shape[1]}: they do not see the same input")
     if rows is not None and not rows:
         return FunctionMatch(False, "no class row of the target comes from the source")
     result = function_match(source, model, batches, rows)
@@ -278,3 +284,57 @@ def check_match(minimum: float | None, match: dict[str, Any], growth: Growth | N
             f"{fm['n']} samples){where}{why}", key="min_function_match",
             hint=f"this growth is not function-preserving (see {table}); lower "
             "min_function_match to accept it")
+
+
+# --------------------------------------------------------------------------------------------------
+# migration.json / migration.md / stage.json
+# --------------------------------------------------------------------------------------------------
+
+
+def metrics(summary: dict[str, Any], out: dict[str, Any], lines: list[str]) -> None:
+    """Growth and function-match figures for stage.json's metrics and highlights."""
+    fm = (summary.get("function_match") or {}).get("before_bn")
+    if fm:
+        out["function_match"] = fm["match"]
+        out["max_abs_delta_logit"] = fm["max_abs_delta"]
+        lines.append(f"function match vs the source before training: {fm['match']:.6f} (max "
+                     f"|delta logit| {fm['max_abs_delta']:.3g}, n={fm['n']})" if fm["measured"]
+                     else f"function match not measured: {fm['reason']}")
+    grow = summary.get("growth")
+    if grow:
+        blocks = grow["new_blocks"]
+        out.update(new_blocks=len(blocks), widened_tensors=len(grow["widened"]),
+                   new_tensors=len(grow["new_tensors"]),
+                   function_preserving=grow["function_preserving"])
+        lines.append(f"grew: {len(blocks)} new block(s) ({sum(bool(b['is_identity']) for b in blocks)}"
+                     f" identities), {len(grow['widened'])} tensor(s) widened; function-preserving:"
+                     f" {'yes' if grow['function_preserving'] else 'no'}")
+
+
+def markdown(summary: dict[str, Any]) -> list[str]:
+    """The growth section of migration.md: the function match, new blocks, widened tensors."""
+    out: list[str] = []
+    for when, fm in (summary.get("function_match") or {}).items():
+        label = "before any training" if when == "before_bn" else "after BatchNorm re-estimation"
+        out.append(f"- function match {label}: " + (
+            f"max |delta logit| {fm['max_abs_delta']:.4g}, largest |logit| "
+            f"{fm['max_abs_logit']:.4g}, relative {fm['relative']:.3g} (match {fm['match']:.6f}); "
+            f"top-1 agreement {fm['agreement']:.4f} on {fm['n']} samples, {fm['rows']} classes"
+            + (f"; first differing module: {fm['first_divergence']}" if fm["first_divergence"]
+               else "") if fm["measured"] else f"not measured ({fm['reason']})"))
+    grow = summary.get("growth")
+    if not grow:
+        return out
+    out += [f"- function-preserving growth: **{'yes' if grow['function_preserving'] else 'no'}**"]
+    out += [f"  - {p}" for p in grow["problems"]]
+    if grow["new_blocks"]:
+        out += ["", "| new block | tensors | init | max abs(out - in) |", "|---|---:|---|---:|"]
+        for b in grow["new_blocks"]:
+            diff = b["identity_max_abs"]
+            out.append(f"| {b['module']} | {len(b['tensors'])} | {b['init']} | "
+                       f"{'-' if diff is None else format(diff, '.3g')} |")
+    if grow["widened"]:
+        out += ["", "| widened tensor | source shape | target shape | how |", "|---|---|---|---|"]
+        out += [f"| {w['tensor']} | {w['source_shape']} | {w['target_shape']} | {w['how']} |"
+                for w in grow["widened"]]
+    return out

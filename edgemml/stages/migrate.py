@@ -612,52 +612,8 @@ def _metrics(summary: dict[str, Any]) -> dict[str, Any]:
         if zero["accuracy_after_bn"] is not None:
             text += f"; {zero['accuracy_before_bn']:.3f} before BatchNorm re-estimation"
         lines.append(text)
-    fm = (summary.get("function_match") or {}).get("before_bn")
-    if fm:
-        out["function_match"] = fm["match"]
-        out["max_abs_delta_logit"] = fm["max_abs_delta"]
-        lines.append(f"function match vs the source before training: {fm['match']:.6f} (max "
-                     f"|delta logit| {fm['max_abs_delta']:.3g}, n={fm['n']})" if fm["measured"]
-                     else f"function match not measured: {fm['reason']}")
-    grow = summary.get("growth")
-    if grow:
-        blocks = grow["new_blocks"]
-        out.update(new_blocks=len(blocks), widened_tensors=len(grow["widened"]),
-                   new_tensors=len(grow["new_tensors"]),
-                   function_preserving=grow["function_preserving"])
-        lines.append(f"grew: {len(blocks)} new block(s) ({sum(bool(b['is_identity']) for b in blocks)}"
-                     f" identities), {len(grow['widened'])} tensor(s) widened; function-preserving:"
-                     f" {'yes' if grow['function_preserving'] else 'no'}")
+    _grow.metrics(summary, out, lines)
     out["highlights"] = lines
-    return out
-
-
-def _growth_markdown(summary: dict[str, Any]) -> list[str]:
-    """The growth section of migration.md: the function match, new blocks, widened tensors."""
-    out: list[str] = []
-    for when, fm in (summary.get("function_match") or {}).items():
-        label = "before any training" if when == "before_bn" else "after BatchNorm re-estimation"
-        out.append(f"- function match {label}: " + (
-            f"max |delta logit| {fm['max_abs_delta']:.4g}, largest |logit| "
-            f"{fm['max_abs_logit']:.4g}, relative {fm['relative']:.3g} (match {fm['match']:.6f}); "
-            f"top-1 agreement {fm['agreement']:.4f} on {fm['n']} samples, {fm['rows']} classes"
-            + (f"; first differing module: {fm['first_divergence']}" if fm["first_divergence"]
-               else "") if fm["measured"] else f"not measured ({fm['reason']})"))
-    grow = summary.get("growth")
-    if not grow:
-        return out
-    out += [f"- function-preserving growth: **{'yes' if grow['function_preserving'] else 'no'}**"]
-    out += [f"  - {p}" for p in grow["problems"]]
-    if grow["new_blocks"]:
-        out += ["", "| new block | tensors | init | max abs(out - in) |", "|---|---:|---|---:|"]
-        for b in grow["new_blocks"]:
-            diff = b["identity_max_abs"]
-            out.append(f"| {b['module']} | {len(b['tensors'])} | {b['init']} | "
-                       f"{'-' if diff is None else format(diff, '.3g')} |")
-    if grow["widened"]:
-        out += ["", "| widened tensor | source shape | target shape | how |", "|---|---|---|---|"]
-        out += [f"| {w['tensor']} | {w['source_shape']} | {w['target_shape']} | {w['how']} |"
-                for w in grow["widened"]]
     return out
 
 
@@ -685,7 +641,7 @@ def _markdown(name: str, summary: dict[str, Any], tensors: list[dict[str, Any]],
         if zero["accuracy_after_bn"] is not None:
             text += f" (before BatchNorm re-estimation: {zero['accuracy_before_bn']:.4f})"
         out.append(text)
-    growth = _growth_markdown(summary)
+    growth = _grow.markdown(summary)
     if growth:
         out += ["", "## Growth and function match", ""] + growth
     out += ["", "## Sources", "", "| source | weight | tensors used | unused | notes |",

@@ -19,7 +19,8 @@ from conftest import REPO, run_cli, write
 from edgemml import activation_names as names
 from edgemml.config import ModelConfig
 from edgemml.models import ModelSpec, build_model, load_model, save_model
-from edgemml.models.rewrite import find_squeeze_excitation, rewrite_model
+from edgemml.models.rewrite import rewrite_model
+from edgemml.models.squeeze_excitation import find_squeeze_excitation
 
 
 def _explain(proc) -> str:
@@ -121,7 +122,7 @@ def test_efficientnet_se_removed_and_folded_like_a_constant_gate(tmp_path: Path)
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x * self.scale
 
-    from edgemml.models.rewrite import fit_se_scales
+    from edgemml.models.squeeze_excitation import fit_se_scales
 
     ref = copy.deepcopy(original)
     fits = fit_se_scales(copy.deepcopy(original), se, batches)
