@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from edgemml.config import LoadedPipeline
+    from edgemml.models import ModelSpec
     from edgemml.models.rewrite import RewriteResult
 
 
@@ -110,13 +111,11 @@ class RewriteStage(Stage[RewriteConfig]):
 
     def run(self, ctx: StageContext, config: RewriteConfig) -> dict[str, Path]:
         from edgemml.models.rewrite import rewrite_model
-        from edgemml.models.serialize import reloads_identically
         from edgemml.training import evaluate, make_loader, recalibrate_bn, seed_everything, train
 
         seed_everything(ctx.seed)
         model, spec = common.load_input_model(ctx)
         splits = common.load_stage_data(ctx, config)
-        pre = common.preprocess_config(config, ctx.pipeline)
         model.eval()
         original = copy.deepcopy(model)
         if len(splits.train) == 0:
@@ -159,34 +158,37 @@ class RewriteStage(Stage[RewriteConfig]):
             recovery = {"epochs": len(res.history), "steps": res.steps,
                         "best_epoch": res.best_epoch, "seconds": res.seconds,
                         "distilled": teacher is not None, "history": res.history}
-        acc_final = acc(model)
-        model.eval()
-
-        spec = spec.model_copy(deep=True)
-        spec.extra["preprocess"] = pre.model_dump(mode="json")
-        spec.extra["rewrite"] = {"activations": dict(config.activations),
-                                 "squeeze_excitation": config.squeeze_excitation,
-                                 "replaced": len(result.replaced),
-                                 "se_removed": len(result.se_removed)}
-        if not spec.class_names:
-            spec.class_names = list(splits.classes)
-        out = common.save_model_output(ctx, model, spec)
-        if not reloads_identically(model, out, example):  # model.json records the rewrite
-            raise StageError("the saved rewritten model does not reload to identical outputs",
-                             stage=ctx.name, hint="this is a bug in edgemml; please report it")
-        shutil.rmtree(ctx.work_dir / "recover", ignore_errors=True)
-
-        params = (sum(p.numel() for p in original.parameters()),
-                  sum(p.numel() for p in model.parameters()))
         accuracy = {"split": "val", "n": len(splits.val), "before": acc_before,
                     "right_after": acc_raw, "after_bn_reestimation": acc_bn,
-                    "recovered": acc_final if recovery is not None else None}
-        report = _report(ctx, config, result, accuracy, params, bn_samples, recovery)
-        report_path = common.write_json(ctx, "rewrite.json", report)
-        table = ctx.path("rewrite.md")
-        table.write_text(_markdown(ctx.name, report), encoding="utf-8")
-        _record(ctx, report)
-        return {"model": out, "report": report_path, "table": table}
+                    "recovered": acc(model) if recovery is not None else None}
+        report = _report(ctx, config, result, accuracy, (original, model), bn_samples, recovery)
+        return _write_outputs(ctx, model, spec, report, example, list(splits.classes))
+
+
+def _write_outputs(ctx: StageContext, model: nn.Module, spec: ModelSpec, report: dict[str, Any],
+                   example: Any, classes: list[str]) -> dict[str, Path]:
+    """model/ (checked to reload identically), rewrite.json, rewrite.md, the stage's metrics."""
+    from edgemml.models.serialize import reloads_identically
+
+    config: RewriteConfig = ctx.config  # type: ignore[assignment]
+    model.eval()
+    spec = spec.model_copy(deep=True)
+    spec.extra["preprocess"] = common.preprocess_config(config, ctx.pipeline).model_dump(
+        mode="json")
+    spec.extra["rewrite"] = {**report["settings"], "replaced": len(report["replaced"]),
+                             "se_removed": len(report["squeeze_excitation"]["removed"])}
+    if not spec.class_names:
+        spec.class_names = classes
+    out = common.save_model_output(ctx, model, spec)
+    if not reloads_identically(model, out, example):  # model.json records the rewrite
+        raise StageError("the saved rewritten model does not reload to identical outputs",
+                         stage=ctx.name, hint="this is a bug in edgemml; please report it")
+    shutil.rmtree(ctx.work_dir / "recover", ignore_errors=True)
+    report_path = common.write_json(ctx, "rewrite.json", report)
+    table = ctx.path("rewrite.md")
+    table.write_text(_markdown(ctx.name, report), encoding="utf-8")
+    _record(ctx, report)
+    return {"model": out, "report": report_path, "table": table}
 
 
 def _check_matched(ctx: StageContext, config: RewriteConfig, original: nn.Module,
@@ -230,10 +232,11 @@ def _check_matched(ctx: StageContext, config: RewriteConfig, original: nn.Module
 
 
 def _report(ctx: StageContext, config: RewriteConfig, result: RewriteResult,
-            accuracy: dict[str, Any], params: tuple[int, int], bn_samples: int,
+            accuracy: dict[str, Any], models: tuple[nn.Module, nn.Module], bn_samples: int,
             recovery: dict[str, Any] | None) -> dict[str, Any]:
     from dataclasses import asdict
 
+    params = [sum(p.numel() for p in m.parameters()) for m in models]
     by_type: dict[str, int] = {}
     for r in result.replaced:
         by_type[r.old] = by_type.get(r.old, 0) + 1
