@@ -38,7 +38,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import REPO, load_note, machine_info, md_table, write_results  # noqa: E402
+from common import REPO, load_note, machine_info, md_table, write_results
 
 # The rewrite each model gets: what efficientnet-lite did for efficientnet (ReLU6, no SE), and the
 # same for mobilenet_v3 (its SE gates' Hardsigmoid goes with the SE blocks).
@@ -178,7 +178,7 @@ def rewrite_result(arch: str, run_dir: Path, seconds: float) -> dict[str, Any]:
             "fp32_loss_pp": fp32["original"] - fp32["rewritten"],
             "replaced": rewrite["counts"],
             "se_removed": len(rewrite["squeeze_excitation"]["removed"]),
-            "val_accuracy": rewrite["accuracy"], "int8": int8, "stage_seconds": stages,
+            "val_top1_pct": rewrite["top1_pct"], "int8": int8, "stage_seconds": stages,
             "gate_failures": report["gate_failures"],
             "wall_seconds": seconds}
 
@@ -186,12 +186,12 @@ def rewrite_result(arch: str, run_dir: Path, seconds: float) -> dict[str, Any]:
 def grow_result(seed: int, run_dir: Path, seconds: float) -> dict[str, Any]:
     migration = json.loads(next(run_dir.glob("*-grow/migration.json")).read_text())["summary"]
     source = _stage(run_dir, "source")["metrics"]
-    arms = {n: _stage(run_dir, n)["metrics"]["test_accuracy"] * 100
+    arms = {n: _stage(run_dir, n)["metrics"]["test_top1_pct"]
             for n in ("grown-ft", "resnet18-ft", "resnet34-scratch")}
     fm = migration["function_match"]["before_bn"]
-    return {"seed": seed, "run_dir": str(run_dir), "source_val_pct": source["val_accuracy"] * 100,
-            "source_test_pct": source["test_accuracy"] * 100,
-            "grown_zero_shot_val_pct": migration["zero_shot"]["accuracy"] * 100,
+    return {"seed": seed, "run_dir": str(run_dir), "source_val_pct": source["val_top1_pct"],
+            "source_test_pct": source["test_top1_pct"],
+            "grown_zero_shot_val_pct": migration["zero_shot"]["top1_pct"],
             "function_match": fm["match"], "max_abs_delta_logit": fm["max_abs_delta"],
             "new_blocks": len(migration["growth"]["new_blocks"]), "test_pct": arms,
             "wall_seconds": seconds}
@@ -229,17 +229,17 @@ def rewrite_markdown(results: list[dict[str, Any]]) -> str:
     lines = [md_table(head, rows, "llrrrrrrrrr"), ""]
     for r in results:
         lines.append(f"- {r['arch']}: replaced {', '.join(f'{k} x{n}' for k, n in r['replaced'].items())}, "
-                     f"{r['se_removed']} squeeze-excitation blocks removed; val accuracy "
-                     f"{_pct(r['val_accuracy']['before'])} original -> "
-                     f"{_pct(r['val_accuracy']['right_after'])} right after the rewrite -> "
-                     f"{_pct(r['val_accuracy']['after_bn_reestimation'])} after BN re-estimation -> "
-                     f"{_pct(r['val_accuracy']['recovered'])} recovered; test n={r['test_n']}; "
+                     f"{r['se_removed']} squeeze-excitation blocks removed; val top-1 "
+                     f"{_pct(r['val_top1_pct']['before'])} original -> "
+                     f"{_pct(r['val_top1_pct']['right_after'])} right after the rewrite -> "
+                     f"{_pct(r['val_top1_pct']['after_bn_reestimation'])} after BN re-estimation -> "
+                     f"{_pct(r['val_top1_pct']['recovered'])} recovered; test n={r['test_n']}; "
                      f"fp32 loss {r['fp32_loss_pp']:.2f} pp; wall {r['wall_seconds'] / 60:.1f} min.")
     return "\n".join(lines)
 
 
 def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f} %"
+    return "n/a" if v is None else f"{v:.2f} %"
 
 
 def grow_markdown(results: list[dict[str, Any]]) -> str:

@@ -4,9 +4,8 @@ settings" int8 baselines built outside edgemml, machine facts, and writing resul
 Why interleaved: this is a shared 2-core machine and background load moves a single timing by tens
 of percent within seconds. Timing every variant in short blocks, round after round
 (A B C A B C ...), exposes all of them to the same load, so the *ratios* of one run are
-trustworthy even when the absolute milliseconds are not. Each block starts with one untimed call
-and a short pause: both runtimes keep their worker threads spinning for a moment after a call, and
-that spinning must not be charged to the next variant.
+trustworthy even when the absolute milliseconds are not. The timer is edgemml's own
+(edgemml.runtimes.time_calls), the one validate uses, so the two report the same thing.
 """
 
 from __future__ import annotations
@@ -40,20 +39,16 @@ OV_COMPUTE_LAYERS = ("Convolution", "FullyConnected", "MatMul", "Deconvolution")
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from edgemml.machine import cpu
+
+    return cpu().name
 
 
 def machine_info() -> dict[str, Any]:
     """What the figures depend on: CPU, its int8/bf16 features, library versions, load now."""
-    from edgemml.quantization.cpu import cpu_flags
+    from edgemml.machine import cpu
 
-    flags = cpu_flags()
+    flags = cpu().flags
     versions = {}
     for dist in ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf", "edgemml"):
         try:
@@ -85,42 +80,15 @@ def load_note(info: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def stats_ms(times_ms: list[float]) -> dict[str, Any]:
-    arr = np.asarray(times_ms, dtype=np.float64)
-    return {"median_ms": round(float(np.median(arr)), 4),
-            "p90_ms": round(float(np.percentile(arr, 90)), 4),
-            "min_ms": round(float(arr.min()), 4), "runs": int(len(arr))}
-
-
 def interleaved_latency(calls: dict[str, Callable[[], Any]], *, warmup: int, repeats: int,
-                        rounds: int, settle_s: float = 0.02,
-                        on_round: Callable[[int], None] | None = None) -> dict[str, dict[str, Any]]:
-    """Median/p90/min milliseconds of each zero-argument call, timed in interleaved rounds.
+                        rounds: int) -> dict[str, dict[str, Any]]:
+    """Median/p90/min milliseconds of each zero-argument call, timed in interleaved rounds by
+    edgemml's one timer (edgemml.runtimes.time_calls), so benchmark and validate figures agree."""
+    from edgemml.runtimes import time_calls
 
-    Every call gets `warmup` untimed calls first, then `rounds` rounds in each of which every
-    variant (in an order rotated by one each round) runs one untimed call and then its share of
-    `repeats` timed calls. `settle_s` of sleep separates the blocks.
-    """
-    names = list(calls)
-    for name in names:
-        for _ in range(warmup):
-            calls[name]()
-    rounds = max(1, min(rounds, repeats))
-    per_round = [repeats // rounds + (1 if r < repeats % rounds else 0) for r in range(rounds)]
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            fn = calls[name]
-            time.sleep(settle_s)
-            fn()
-            for _ in range(per_round[r]):
-                t0 = time.perf_counter_ns()
-                fn()
-                times[name].append((time.perf_counter_ns() - t0) / 1e6)
-        if on_round:
-            on_round(r)
-    return {n: stats_ms(t) for n, t in times.items()}
+    timed = time_calls(calls, warmup=warmup, runs=repeats, rounds=rounds)
+    return {name: {k: round(v, 4) if isinstance(v, float) else v for k, v in t.as_dict().items()}
+            for name, t in timed.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,7 +103,7 @@ class Variant:
     key: str
     label: str
     source: str  # "edgemml" | "nncf defaults" | "ort defaults" | "torch"
-    predictor: Any  # edgemml.evaluation.Predictor
+    runner: Any  # edgemml.runtimes.Runner
     precision: str  # what the runtime says it computes in
     path: Path | None = None
     size_bytes: int | None = None
@@ -145,10 +113,9 @@ class Variant:
 def ov_layer_precisions(xml: Path, *, threads: int, precision: str = "default") -> dict[str, int]:
     """Compute layers of OpenVINO's *execution* graph by the precision they run in (e.g.
     {"u8": 20, "bf16": 1}): what the plugin decided, not what the IR asked for."""
-    from edgemml.exporters.runtime import openvino_compiled
+    from edgemml.runtimes import backend
 
-    compiled, _ = openvino_compiled(xml, precision=precision,  # type: ignore[arg-type]
-                                    threads=threads)
+    compiled, _ = backend("openvino").compile(xml, threads=threads, exact=precision == "f32")
     counts: dict[str, int] = {}
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
@@ -227,7 +194,7 @@ def nncf_default_int8(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray) -
     import nncf
     import openvino as ov
 
-    from edgemml.exporters.openvino import IR_XML
+    from edgemml.runtimes.openvino import IR_XML
 
     logging.getLogger("nncf").setLevel(logging.ERROR)
     model = ov.convert_model(str(fp32_onnx))
@@ -299,3 +266,10 @@ def median_ratio(ref: dict[str, Any], other: dict[str, Any]) -> float | None:
 
 def human_seconds(s: float) -> str:
     return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+
+
+def predict_dataset(runner: Any, samples: Any) -> np.ndarray:
+    """Logits of a runner on an edgemml.evaluation.Samples (the same batches for every variant)."""
+    from edgemml.evaluation import logits_of
+
+    return logits_of(runner, samples)

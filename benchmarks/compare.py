@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (REPO, Variant, fmt, human_seconds, interleaved_latency,  # noqa: E402
+from common import (REPO, Variant, fmt, human_seconds, interleaved_latency, predict_dataset,  # noqa: E402
                     load_note, machine_info, mb, md_table, median_ratio, nncf_default_int8,
                     ort_default_int8, ort_precision, ov_layer_precisions, precision_label,
                     update_readme_section, write_results)
@@ -108,7 +108,7 @@ def resolve_pipeline(run_dir: Path, given: Path | None) -> tuple[Path, Path]:
 
 
 def dry_plan(pipeline: Path, run_dir: Path) -> list[dict[str, str]]:
-    from edgemml.config import load_pipeline
+    from edgemml.loader import load_pipeline
     from edgemml.pipeline import Runner
     from edgemml.progress import QuietReporter
 
@@ -171,16 +171,15 @@ def main() -> None:
 
     import torch
 
-    from edgemml.config import load_pipeline
+    from edgemml.loader import load_pipeline
     from edgemml.data import load_data
-    from edgemml.evaluation import (classification_metrics, onnx_predictor, openvino_predictor,
-                                    parity_metrics, predict, sample_inputs, size_bytes,
-                                    torch_predictor)
+    from edgemml import runtimes
+    from edgemml.data.datasets import as_arrays, evenly_spaced
+    from edgemml.evaluation import Samples
     from edgemml.exporters.onnx import check_onnx, export_onnx
-    from edgemml.exporters.runtime import compare_outputs, dataset_arrays, evenly_spaced
-    from edgemml.exporters.stage_io import resolve_preprocess
+    from edgemml.metrics import accuracy, check_parity, parity
     from edgemml.models import load_model
-    from edgemml.stages.common import data_config
+    from edgemml.stages.common import data_config, model_preprocess
 
     torch.set_num_threads(args.threads)
     info = machine_info()
@@ -196,7 +195,7 @@ def main() -> None:
           f"{where['quantized_from']!r} in {where['quantize']!r}", flush=True)
 
     unpruned, spec = load_model(output(records[where["unpruned"]], "model"))
-    pre, _ = resolve_preprocess(spec, qcfg, pipeline)
+    pre, _ = model_preprocess(spec.extra.get("preprocess"), qcfg, pipeline)
     data = load_data(data_config(qcfg, pipeline), pre, seed=pipeline.config.seed,
                      base_dir=pipeline.base_dir)
     test = data.test
@@ -206,8 +205,7 @@ def main() -> None:
         test = test.subset(evenly_spaced(len(test), args.max_test), "test")
     split = qcfg.calibration.split
     calib_set = data.calibration if split == "calibration" else data.split(split)
-    calib, _ = dataset_arrays(calib_set, evenly_spaced(len(calib_set),
-                                                       qcfg.calibration.samples).tolist())
+    calib, _ = as_arrays(calib_set, evenly_spaced(len(calib_set), qcfg.calibration.samples))
 
     work = Path(tempfile.mkdtemp(prefix="edgemml-bench-compare-"))
     fp32 = work / "unpruned.fp32.onnx"
@@ -221,65 +219,70 @@ def main() -> None:
                  "ov-int8-nncf-default": nncf_default_int8(fp32, nncf_def, calib)}
 
     t = args.threads
+    torch_rt, ort_rt = runtimes.backend("torch"), runtimes.backend("onnxruntime")
+    ov_rt = runtimes.backend("openvino")
     plan: list[tuple[str, str, str, Any, Path]] = [
         ("torch-fp32", "torch fp32 eager, unpruned", "torch",
-         torch_predictor(unpruned, threads=t), output(records[where["unpruned"]], "model"))]
+         torch_rt.open_module(unpruned, threads=t), output(records[where["unpruned"]], "model"))]
     quantized_model = None
     if where["quantized_from"] != where["unpruned"]:
         quantized_model, _ = load_model(output(records[where["quantized_from"]], "model"))
         plan.append(("torch-fp32-pruned", "torch fp32 eager, pruned (what edgemml quantized)",
                      "edgemml " + where["quantized_from"],
-                     torch_predictor(quantized_model, threads=t),
+                     torch_rt.open_module(quantized_model, threads=t),
                      output(records[where["quantized_from"]], "model")))
     onnx_int8, ov_int8 = output(qrec, "onnx-int8"), output(qrec, "openvino-int8")
     if onnx_int8:
         plan.append(("ort-int8", "ONNX Runtime int8", "edgemml " + where["quantize"],
-                     onnx_predictor(onnx_int8, threads=t), onnx_int8))
+                     ort_rt.open(onnx_int8, threads=t), onnx_int8))
     plan.append(("ort-int8-default", "ONNX Runtime int8, unpruned", "ORT quantize_static defaults",
-                 onnx_predictor(ort_def, threads=t), ort_def))
+                 ort_rt.open(ort_def, threads=t), ort_def))
     if ov_int8:
         plan.append(("ov-int8", "OpenVINO int8", "edgemml " + where["quantize"],
-                     openvino_predictor(ov_int8, threads=t, exact=False), ov_int8))
+                     ov_rt.open(ov_int8, threads=t, exact=False), ov_int8))
     plan.append(("ov-int8-nncf-default", "OpenVINO int8, unpruned", "nncf.quantize defaults",
-                 openvino_predictor(nncf_def, threads=t, exact=False), nncf_def))
+                 ov_rt.open(nncf_def, threads=t, exact=False), nncf_def))
 
     variants = []
-    for key, label, source, pred, path in plan:
-        if pred.backend == "openvino":
-            precision = precision_label(pred.runtime_precision,
+    for key, label, source, runner, path in plan:
+        if runner.backend == "openvino":
+            precision = precision_label(runner.precision,
                                         ov_layer_precisions(path / "model.xml", threads=t))
-        elif pred.backend == "onnxruntime":
+        elif runner.backend == "onnxruntime":
             precision = ort_precision(path)
         else:
             precision = "f32"
-        variants.append(Variant(key, label, source, pred, precision, path, size_bytes(path)))
+        variants.append(Variant(key, label, source, runner, precision, path,
+                                runtimes.size_bytes(path)))
 
     print(f"accuracy on {len(test)} test samples", flush=True)
-    logits = {v.key: predict(v.predictor, test, batch_size=64) for v in variants}
-    ref, labels = logits["torch-fp32"]
-    ref_top1 = classification_metrics(ref, labels, data.classes)["top1_pct"]
-    export_parity = compare_outputs(ref, predict(onnx_predictor(fp32, threads=t), test)[0],
-                                    tolerance=1e-4).as_dict()
+    samples = Samples(test, 64)
+    labels = samples.labels
+    logits = {v.key: predict_dataset(v.runner, samples) for v in variants}
+    ref = logits["torch-fp32"]
+    ref_top1 = accuracy(ref, labels, data.classes).top1_pct
+    export_parity = check_parity(ref, predict_dataset(ort_rt.open(fp32, threads=t), samples),
+                                 tolerance=1e-4).as_dict()
     rows = []
     for v in variants:
-        lg, _ = logits[v.key]
-        m = classification_metrics(lg, labels, data.classes)
-        p = parity_metrics(lg, ref, labels, ref_top1, m["top1_pct"])
+        lg = logits[v.key]
+        m = accuracy(lg, labels, data.classes).as_dict()
+        p = parity(lg, ref, ref_top1, m["top1_pct"])
         row = {"key": v.key, "label": v.label, "source": v.source, "runs_in": v.precision,
                "path": str(v.path), "size_bytes": v.size_bytes, "top1_pct": m["top1_pct"],
                "worst_class_pct": m["worst_class_pct"], "agreement_with_torch_unpruned":
                p["agreement"], "accuracy_drop_pp": p["accuracy_drop_pp"], "cosine": p["cosine"]}
         if "torch-fp32-pruned" in logits and v.key in ("ort-int8", "ov-int8"):
-            own = logits["torch-fp32-pruned"][0]
+            own = logits["torch-fp32-pruned"]
             row["agreement_with_torch_pruned"] = float((lg.argmax(1) == own.argmax(1)).mean())
         rows.append(row)
 
-    inputs = sample_inputs(test, max(batches))
+    inputs = samples.first(max(batches))
     latency: dict[str, Any] = {}
     load_after: dict[str, float] = {}  # 1-minute load average right after each timing
     for b in batches:
         x = np.ascontiguousarray(inputs[:b])
-        calls = {v.key: (lambda v=v: v.predictor(x)) for v in variants}
+        calls = {v.key: (lambda v=v: v.runner(x)) for v in variants}
         print(f"timing batch {b}: {len(calls)} variants x {args.repeats} runs", flush=True)
         res = interleaved_latency(calls, warmup=2 if q else 5, repeats=args.repeats,
                                   rounds=args.rounds)

@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import torch
 from edgemml.config import DataConfig, ModelConfig, PreprocessConfig
 from edgemml.data import load_data
 from edgemml.models import ModelSpec, build_model, load_model, save_model
-from edgemml.pruning import torch_latency
+from edgemml import runtimes
 from edgemml.training import TrainConfig, evaluate, train
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,37 +67,22 @@ def export_onnx(model: torch.nn.Module, path: Path, channels: int) -> Path:
     return path
 
 
-def ort_latency(paths: dict[str, Path], batch: int, threads: int, repeats: int,
-                rounds: int = 5) -> dict[str, dict[str, float]]:
-    """Median ms per call of each ONNX model, timed in interleaved rounds."""
-    import onnxruntime as ort
+def latency(runners: dict[str, Any], x: np.ndarray, repeats: int,
+            rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Median ms per call of each runner, interleaved, by edgemml's one timer."""
+    from edgemml.runtimes import time_calls
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sessions = {k: ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-                for k, p in paths.items()}
-    x = np.random.default_rng(0).standard_normal((batch, 1, 32, 32)).astype(np.float32)
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, {"input": x})
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k, s in sessions.items():
-            for _ in range(max(1, repeats // rounds)):
-                t0 = time.perf_counter()
-                s.run(None, {"input": x})
-                times[k].append((time.perf_counter() - t0) * 1000)
-    return {k: {"median_ms": statistics.median(v), "runs": len(v)} for k, v in times.items()}
+    timed = time_calls({k: (lambda r=r: r(x)) for k, r in runners.items()}, warmup=3,
+                       runs=repeats, rounds=rounds)
+    return {k: {"median_ms": t.median_ms, "runs": t.runs} for k, t in timed.items()}
 
 
 def parity(model: torch.nn.Module, path: Path, x: torch.Tensor) -> float:
-    import onnxruntime as ort
+    from edgemml import runtimes
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         ref = model.eval()(x).numpy()
-    got = sess.run(None, {"input": x.numpy()})[0]
+    got = runtimes.predict(runtimes.open_artifact(path, threads=None), x.numpy())
     return float(np.abs(got - ref).max() / max(1e-12, np.abs(ref).max()))
 
 
@@ -137,17 +121,19 @@ def main() -> None:
     noround, _ = load_model(run_dir / "03-prune-noround" / "model")
 
     models = {"baseline": baseline.eval(), "pruned": pruned, "pruned_noround": noround}
-    test_acc = {k: evaluate(m, splits.test)["accuracy"] for k, m in models.items()}
+    test_acc = {k: evaluate(m, splits.test)["top1_pct"] / 100 for k, m in models.items()}
     onnx = {k: export_onnx(m, work / f"{k}.onnx", 1) for k, m in models.items()}
     xs = torch.from_numpy(np.random.default_rng(1).standard_normal((8, 1, 32, 32)).astype(np.float32))
     onnx_parity = {k: parity(m, onnx[k], xs) for k, m in models.items()}
     lat: dict[str, Any] = {}
     for batch, threads in ((1, 1), (64, 1), (64, 2)):
-        x = torch.zeros(batch, 1, 32, 32)
+        x = np.random.default_rng(0).standard_normal((batch, 1, 32, 32)).astype(np.float32)
         reps, rounds = (100, 10) if batch == 1 else (20, 5)
-        lat[f"torch_b{batch}_t{threads}"] = torch_latency(models, x, threads=threads, warmup=3,
-                                                          repeats=reps, rounds=rounds)
-        lat[f"ort_b{batch}_t{threads}"] = ort_latency(onnx, batch, threads, reps, rounds)
+        torch_runners = {k: runtimes.backend("torch").open_module(m, threads=threads)
+                         for k, m in models.items()}
+        ort_runners = {k: runtimes.open_artifact(p, threads=threads) for k, p in onnx.items()}
+        lat[f"torch_b{batch}_t{threads}"] = latency(torch_runners, x, reps, rounds)
+        lat[f"ort_b{batch}_t{threads}"] = latency(ort_runners, x, reps, rounds)
     speedups = {key: {k: v["baseline"]["median_ms"] / v[k]["median_ms"]
                       for k in ("pruned", "pruned_noround")} for key, v in lat.items()}
 
@@ -162,11 +148,11 @@ def main() -> None:
         "prune_stage": {"settings": dict(report["settings"], recover_epochs=len(
                             report["steps"][-1].get("recovery", {}).get("history", []))), "achieved": report["achieved"],
                         "macs": report["macs"], "params": report["params"],
-                        "val_accuracy": report["accuracy"],
+                        "val_top1_pct": report["top1_pct"],
                         "torch_latency_in_stage": report["latency_torch_cpu"],
                         "search_trials": len(report["steps"][0]["trials"]),
                         "refine_global_ratio": report["steps"][0]["refine_global_ratio"]},
-        "noround_ablation": {"achieved": report_nr["achieved"], "val_accuracy": report_nr["accuracy"],
+        "noround_ablation": {"achieved": report_nr["achieved"], "val_top1_pct": report_nr["top1_pct"],
                              "odd_channel_layers": sorted(
                                  n for n, r in report_nr["layers"].items()
                                  if r["out"][1] % 8 and r["out"][1] != r["out"][0])},
@@ -196,13 +182,13 @@ def render_md(r: dict[str, Any]) -> str:
         f"({p['achieved']['macs']:.3f}), params {p['params']['before'] / 1e6:.2f}M -> "
         f"{p['params']['after'] / 1e6:.2f}M, {p['search_trials']} search trials.", "",
         "| model | test accuracy | val accuracy |", "|---|---|---|",
-        f"| baseline | {100 * acc['baseline']:.2f}% | {100 * p['val_accuracy']['before']:.2f}% |",
+        f"| baseline | {100 * acc['baseline']:.2f}% | {p['val_top1_pct']['before']:.2f}% |",
         f"| pruned, BN re-estimated, before recovery | - | "
-        f"{100 * p['val_accuracy']['after_pruning']:.2f}% |",
+        f"{p['val_top1_pct']['after_pruning']:.2f}% |",
         f"| pruned + recovery | {100 * acc['pruned']:.2f}% | "
-        f"{100 * p['val_accuracy']['after_recovery']:.2f}% |",
+        f"{p['val_top1_pct']['after_recovery']:.2f}% |",
         f"| pruned, round_to null, no recovery | {100 * acc['pruned_noround']:.2f}% | "
-        f"{100 * r['noround_ablation']['val_accuracy']['after_pruning']:.2f}% |", "",
+        f"{r['noround_ablation']['val_top1_pct']['after_pruning']:.2f}% |", "",
         f"Test accuracy lost: {r['test_accuracy_drop_pp']:.2f} pp (target <= 1 pp: "
         f"{'met' if r['target_met'] else 'NOT met'}). A negative loss is a gain: recovery trains "
         f"{p['settings'].get('recover_epochs', 'a few')} more epochs (distilled from the baseline), "
@@ -213,7 +199,7 @@ def render_md(r: dict[str, Any]) -> str:
         s = r["speedup_vs_baseline"][key]
         lines.append(f"| {key} | {v['baseline']['median_ms']:.2f} | {v['pruned']['median_ms']:.2f} "
                      f"| {s['pruned']:.2f}x | {s['pruned_noround']:.2f}x |")
-    lines += ["", f"ONNX parity (max |ort - torch| / max |torch|): "
+    lines += ["", "ONNX parity (max |ort - torch| / max |torch|): "
               + ", ".join(f"{k} {v:.1e}" for k, v in r["onnx_parity_max_rel_err"].items()), "",
               f"Machine: {r['machine']['platform']}, {r['machine']['cpu_count']} CPUs (shared; "
               "latencies are medians of interleaved runs, compare ratios).", ""]

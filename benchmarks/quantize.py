@@ -149,9 +149,9 @@ def run_pipeline(work: Path, arch: str, model_dir: Path, size: int,
 def bench_model(arch: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from edgemml.config import DataConfig, PreprocessConfig
     from edgemml.data import load_data
-    from edgemml.evaluation import (onnx_predictor, openvino_predictor, parity_metrics,
-                                    output_diversity, size_bytes, torch_predictor)
-    from edgemml.exporters.runtime import dataset_arrays, evenly_spaced
+    from edgemml import runtimes
+    from edgemml.data.datasets import as_arrays, evenly_spaced
+    from edgemml.metrics import output_diversity, parity
     from edgemml.models import load_model
 
     print(f"== {arch} at {args.size}x{args.size}", flush=True)
@@ -165,7 +165,7 @@ def bench_model(arch: str, args: argparse.Namespace, work: Path) -> dict[str, An
     splits = load_data(DataConfig(source=str(work / "crops.npz")), pre, seed=0, base_dir=work)
     # the calibration samples edgemml used: quantize's default split (train: no data.calibration)
     n_cal = qrep["calibration"]["samples"]
-    calib, _ = dataset_arrays(splits.train, evenly_spaced(len(splits.train), n_cal).tolist())
+    calib, _ = as_arrays(splits.train, evenly_spaced(len(splits.train), n_cal))
     fp32_onnx = e_dir / "model.fp32.onnx"
     ort_def = work / f"{arch}.ort-default.int8.onnx"
     nncf_def = work / f"{arch}-nncf-default"
@@ -174,40 +174,42 @@ def bench_model(arch: str, args: argparse.Namespace, work: Path) -> dict[str, An
 
     model, _ = load_model(run_dir / "01-load" / "model")
     t = args.threads
+    ort_rt, ov_rt = runtimes.backend("onnxruntime"), runtimes.backend("openvino")
     preds = {
-        "torch-fp32": (torch_predictor(model, threads=t), model_dir),
-        "ort-fp32": (onnx_predictor(fp32_onnx, threads=t), fp32_onnx),
-        "ort-int8": (onnx_predictor(q_dir / "model.int8.onnx", threads=t),
+        "torch-fp32": (runtimes.backend("torch").open_module(model, threads=t), model_dir),
+        "ort-fp32": (ort_rt.open(fp32_onnx, threads=t), fp32_onnx),
+        "ort-int8": (ort_rt.open(q_dir / "model.int8.onnx", threads=t),
                      q_dir / "model.int8.onnx"),
-        "ort-int8-default": (onnx_predictor(ort_def, threads=t), ort_def),
-        "ov-fp32-f32": (openvino_predictor(e_dir / "openvino-fp32", threads=t, exact=True),
+        "ort-int8-default": (ort_rt.open(ort_def, threads=t), ort_def),
+        "ov-fp32-f32": (ov_rt.open(e_dir / "openvino-fp32", threads=t, exact=True),
                         e_dir / "openvino-fp32"),
-        "ov-fp32": (openvino_predictor(e_dir / "openvino-fp32", threads=t, exact=False),
+        "ov-fp32": (ov_rt.open(e_dir / "openvino-fp32", threads=t, exact=False),
                     e_dir / "openvino-fp32"),
-        "ov-int8": (openvino_predictor(q_dir / "openvino-int8", threads=t, exact=False),
+        "ov-int8": (ov_rt.open(q_dir / "openvino-int8", threads=t, exact=False),
                     q_dir / "openvino-int8"),
-        "ov-int8-nncf-default": (openvino_predictor(nncf_def, threads=t, exact=False), nncf_def),
+        "ov-int8-nncf-default": (ov_rt.open(nncf_def, threads=t, exact=False), nncf_def),
     }
     variants: list[Variant] = []
     for key, label, source in VARIANTS:
-        pred, path = preds[key]
-        if pred.backend == "openvino":
+        runner, path = preds[key]
+        if runner.backend == "openvino":
             layers = ov_layer_precisions(path / "model.xml", threads=t,
                                          precision="f32" if key == "ov-fp32-f32" else "default")
-            precision = precision_label(pred.runtime_precision, layers)
-        elif pred.backend == "onnxruntime":
+            precision = precision_label(runner.precision, layers)
+        elif runner.backend == "onnxruntime":
             precision = ort_precision(path)
         else:
             precision = "f32"
-        variants.append(Variant(key, label, source, pred, precision, path, size_bytes(path)))
+        variants.append(Variant(key, label, source, runner, precision, path,
+                                runtimes.size_bytes(path)))
 
     # agreement with torch fp32 on held-out crops
-    test_x, test_y = dataset_arrays(splits.test)
-    ref = variants[0].predictor(test_x)
+    test_x, test_y = as_arrays(splits.test)
+    ref = variants[0].runner(test_x)
     agreement = {}
     for v in variants:
-        logits = np.concatenate([v.predictor(test_x[i:i + 16]) for i in range(0, len(test_x), 16)])
-        p = parity_metrics(logits, ref, test_y, None, None)
+        logits = runtimes.predict(v.runner, test_x, batch_size=16)
+        p = parity(logits, ref, None, None)
         agreement[v.key] = {"top1_agreement": round(p["agreement"], 4),
                             "cosine": round(p["cosine"], 5)}
     diversity = output_diversity(ref, ref.argmax(1))
@@ -216,7 +218,7 @@ def bench_model(arch: str, args: argparse.Namespace, work: Path) -> dict[str, An
     load_after: dict[str, float] = {}  # 1-minute load average right after each timing
     for b in args.batches:
         x = np.resize(test_x, (b, *test_x.shape[1:])).astype(np.float32)
-        calls = {v.key: (lambda v=v: v.predictor(x)) for v in variants}
+        calls = {v.key: (lambda v=v: v.runner(x)) for v in variants}
         repeats = args.repeats
         print(f"   timing batch {b}: {len(calls)} variants x {repeats} runs", flush=True)
         res = interleaved_latency(calls, warmup=args.warmup, repeats=repeats, rounds=args.rounds)

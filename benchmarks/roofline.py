@@ -16,8 +16,8 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -63,36 +63,22 @@ def matmul_model(m: int, k: int, n: int, int8: bool) -> onnx.ModelProto:
     return model
 
 
-def _time(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+def _time(fn: Any, repeats: int) -> list[float]:
+    """Seconds per call, by edgemml's one timer (3 warm-up calls)."""
+    from edgemml.runtimes import time_calls
+
+    t = time_calls({"mm": fn}, warmup=3, runs=repeats)["mm"]
+    return [t.median_ms / 1e3]
 
 
-def bench_ort(path: Path, x: np.ndarray, threads: int, repeats: int) -> list[float]:
-    import onnxruntime as ort
+def bench(path: Path, x: np.ndarray, threads: int, repeats: int, backend: str,
+          exact: bool = True) -> tuple[list[float], str]:
+    """(seconds per call, the precision the runtime says it ran in) of a one-MatMul model,
+    opened through edgemml's runtime layer like every artifact."""
+    from edgemml import runtimes
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return _time(lambda: sess.run(None, {"x": x}), 3, repeats)
-
-
-def bench_ov(path: Path, x: np.ndarray, threads: int, repeats: int, precision: str) -> list[float]:
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
-        "PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
-    return _time(lambda: request.infer({0: x}), 3, repeats)
+    runner = runtimes.backend(backend).open(path, threads=threads, exact=exact)
+    return _time(lambda: runner(x), repeats), runner.precision
 
 
 def main() -> None:
@@ -110,14 +96,12 @@ def main() -> None:
         for int8 in (False, True):
             path = Path(tmp) / f"mm_{'int8' if int8 else 'fp32'}.onnx"
             onnx.save(matmul_model(s, s, s, int8), path)
-            runs = [("onnxruntime", "n/a", lambda: bench_ort(path, x, args.threads, args.repeats))]
-            runs.append(("openvino", "f32", lambda: bench_ov(path, x, args.threads, args.repeats,
-                                                            "f32")))
+            runs = [("onnxruntime", "n/a", True), ("openvino", "f32", True)]
             if not int8:
-                runs.append(("openvino", "bf16", lambda: bench_ov(path, x, args.threads,
-                                                                 args.repeats, "bf16")))
-            for runtime, hint, fn in runs:
-                times = fn()
+                runs.append(("openvino", "default", False))  # bf16 where the CPU has it
+            for runtime, hint, exact in runs:
+                times, ran_in = bench(path, x, args.threads, args.repeats, runtime, exact)
+                hint = ran_in if runtime == "openvino" else hint
                 med = statistics.median(times)
                 row = {"runtime": runtime, "dtype": "int8" if int8 else "fp32",
                        "precision_hint": hint, "median_ms": round(med * 1e3, 3),

@@ -59,7 +59,7 @@ def run_command(pipeline: Path, overrides: tuple[str, ...], out_dir: Path | None
                 from_stage: str | None, only_stage: str | None, quiet: bool,
                 log_json: bool) -> None:
     """Run PIPELINE, skipping stages whose inputs and config did not change."""
-    from edgemml.config import load_pipeline
+    from edgemml.loader import load_pipeline
     from edgemml.pipeline import Runner
     from edgemml.progress import JsonReporter, QuietReporter, RichReporter
 
@@ -107,7 +107,7 @@ def _highlights(outcomes: list[Any]) -> list[str]:
     """Lines a stage asked to be shown at the end of a run (e.g. where the bundle is)."""
     lines: list[str] = []
     for o in outcomes:
-        for text in o.metrics.get("highlights", []):
+        for text in o.highlights:
             lines.append(f"  {o.name}: {text}")
     return lines
 
@@ -119,7 +119,7 @@ def _highlights(outcomes: list[Any]) -> list[str]:
               help="Run directory to compare against (default: runs/<pipeline name>).")
 def check_command(pipeline: Path, overrides: tuple[str, ...], out_dir: Path | None) -> None:
     """Validate PIPELINE and print which stages would run and which are cached."""
-    from edgemml.config import load_pipeline
+    from edgemml.loader import load_pipeline
     from edgemml.pipeline import Runner
     from edgemml.progress import QuietReporter
 
@@ -190,7 +190,7 @@ def validate_command(config_file: Path, overrides: tuple[str, ...], out_dir: Pat
     """
     from edgemml.pipeline import Runner
     from edgemml.progress import JsonReporter, QuietReporter, RichReporter
-    from edgemml.stages.validate import load_standalone
+    from edgemml.loader import load_standalone
 
     loaded = load_standalone(config_file, list(overrides))
     reporter = JsonReporter() if log_json else QuietReporter() if quiet else RichReporter()
@@ -214,7 +214,7 @@ def report_command(run_dir: Path, out_dir: Path | None) -> None:
     a separate folder so the stage's recorded outputs (and its cache) stay untouched.
     """
     from edgemml.report import find_report, load_report, render_from
-    from edgemml.report.markdown import gate_table
+    from edgemml.report.gates import failure_lines
 
     path = run_dir if run_dir.is_file() else find_report(run_dir)
     out = out_dir or path.parent.parent / "report"
@@ -224,10 +224,8 @@ def report_command(run_dir: Path, out_dir: Path | None) -> None:
     colour = "green" if report.get("status") == "passed" else "red"
     _out.print(f"[{colour}]{report.get('status')}[/]: {failed} of {len(report.get('gates', []))} "
                f"gate(s) failed ({path})")
-    if failed:
-        for line in gate_table(report, emoji=False):
-            if "FAIL" in line:
-                _out.print(escape(line))
+    for line in failure_lines(report.get("gates", [])):
+        _out.print(f"  {escape(line)}")
     for key, p in paths.items():
         _out.print(f"  {key}: {p}")
 

@@ -20,12 +20,11 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from edgemml.errors import ConfigError, InputError
+from edgemml.errors import ConfigError
 
 
 class StrictModel(BaseModel):
@@ -400,7 +399,7 @@ def _first_model(ann: Any) -> type[BaseModel] | None:
     return None
 
 
-class _ErrorContext:
+class ErrorContext:
     """Turns pydantic errors into `file:LINE: dotted.key: message` with a did-you-mean hint."""
 
     def __init__(self, file: str, lines: dict[tuple[Any, ...], int],
@@ -470,101 +469,3 @@ class _ErrorContext:
         err = ConfigError(text, hint="; ".join(hints) or None)
         err.error_line, err.error_key = first_line, first_key  # type: ignore[attr-defined]
         raise err
-
-
-def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> LoadedPipeline:
-    """Read, override and validate a pipeline file. Every problem raises ConfigError with the line."""
-    from edgemml import stages as stage_registry  # registry: light, no torch import
-
-    path = Path(path)
-    file = str(path)
-    if not path.is_file():
-        raise InputError(f"pipeline file not found: {path}",
-                         hint="give the path of a pipeline.yaml, e.g. pipelines/quickstart.yaml")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read pipeline file: {exc}", file=file) from None
-    raw, lines = parse_yaml(text, file)
-    if not isinstance(raw, dict):
-        raise ConfigError("a pipeline file must be a mapping with name and stages", file=file, line=1)
-    origins = apply_overrides(raw, list(overrides or []))
-    ctx = _ErrorContext(file, lines, origins)
-
-    try:
-        top = PipelineConfig.model_validate(raw)
-    except ValidationError as exc:
-        ctx.raise_for(exc, PipelineConfig, (), "")
-        raise  # unreachable
-
-    for plugin in top.plugins:
-        stage_registry.import_plugin(plugin, file=file, line=ctx.line_for(("plugins",)))
-
-    shared_raw = {k: raw.get(k) for k in _SHARED_MERGE_KEYS if isinstance(raw.get(k), dict)}
-    configs: list[StageConfig] = []
-    for i, item in enumerate(raw["stages"]):
-        where = ("stages", i)
-        if not isinstance(item, dict):
-            raise ConfigError("each stage must be a mapping with a type", file=file,
-                              line=ctx.line_for(where), key=f"stages[{i}]")
-        stype = item.get("type")
-        if not isinstance(stype, str):
-            raise ConfigError("stage has no type", file=file, line=ctx.line_for(where),
-                              key=f"stages[{i}]",
-                              hint=f"add `type:` with one of: {', '.join(stage_registry.names())}")
-        try:
-            stage_cls = stage_registry.get(stype)
-        except KeyError:
-            known = stage_registry.names()
-            hint = _did_you_mean(stype, known)
-            raise ConfigError(f"unknown stage type {stype!r} (known: {', '.join(known)})",
-                              file=file, line=ctx.line_for(where + ("type",)),
-                              key=f"stages[{i}].type", hint=hint) from None
-        merged = dict(item)
-        for key, shared in shared_raw.items():
-            if key in stage_cls.Config.model_fields:
-                own = item.get(key)
-                merged[key] = _deep_merge(shared, own) if isinstance(own, dict) else (
-                    own if own is not None else copy.deepcopy(shared))
-        try:
-            cfg = stage_cls.Config.model_validate(merged)
-        except ValidationError as exc:
-            ctx.raise_for(exc, stage_cls.Config, where, f"stages[{i}].{stype}",
-                          fallback_prefix=())
-            raise
-        configs.append(cfg)
-
-    _check_stage_graph(configs, file, ctx, top.model)
-    return LoadedPipeline(top, configs, path, raw)
-
-
-def _check_stage_graph(configs: list[StageConfig], file: str, ctx: _ErrorContext,
-                       model: ModelConfig | None = None) -> None:
-    from edgemml import stages as stage_registry
-
-    seen: list[str] = []
-    for i, cfg in enumerate(configs):
-        name = stage_name(cfg)
-        if name in seen:
-            raise ConfigError(f"stage name {name!r} is used twice", file=file,
-                              line=ctx.line_for(("stages", i)), key=f"stages[{i}].name",
-                              hint="give each stage a unique `name:`")
-        stage_cls = stage_registry.get(cfg.type)
-        for ref_key, ref in stage_cls.references(cfg):
-            if ref not in seen:
-                hint = _did_you_mean(ref, seen)
-                later = ref in [stage_name(c) for c in configs[i:]]
-                msg = (f"refers to stage {ref!r}, which comes later; a stage can only read earlier "
-                       f"stages" if later else f"refers to unknown stage {ref!r}")
-                raise ConfigError(msg, file=file,
-                                  line=ctx.line_for(("stages", i) + tuple(
-                                      int(k) if k.isdigit() else k for k in ref_key.split("."))),
-                                  key=f"stages[{i}].{cfg.type}.{ref_key}",
-                                  hint=hint or (f"earlier stages: {', '.join(seen)}" if seen else None))
-        issue = stage_cls.check_pipeline(cfg, configs[:i], model)
-        if issue is not None:
-            key, message, hint = issue
-            where = tuple(int(k) if k.isdigit() else k for k in key.split("."))
-            raise ConfigError(message, file=file, line=ctx.line_for(("stages", i) + where),
-                              key=f"stages[{i}].{cfg.type}.{key}", hint=hint)
-        seen.append(name)

@@ -83,6 +83,8 @@ class StageOutcome:
     dir: str | None = None
     fingerprint: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    highlights: list[str] = field(default_factory=list)
+    gate_failures: list[str] = field(default_factory=list)
 
 
 def plan_stages(pipeline: LoadedPipeline) -> list[PlannedStage]:
@@ -116,27 +118,18 @@ def plan_stages(pipeline: LoadedPipeline) -> list[PlannedStage]:
 _code_hashes: dict[type, str] = {}
 
 
-def _module_files(name: str) -> list[Path]:
-    """Source files of a module, or of every module of a package, found without importing it."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.origin is None:
-        return []
-    if spec.submodule_search_locations:
-        return sorted(p for loc in spec.submodule_search_locations for p in Path(loc).rglob("*.py"))
-    return [Path(spec.origin)]
-
-
 def code_hash(cls: type[Stage]) -> str:
-    """sha256 of the source of the stage's module and of the edgemml modules it declares in
-    `Stage.code`: editing the code that makes an artifact invalidates that artifact's cache."""
+    """sha256 of the source of the stage's module and of every edgemml module it reaches through
+    its imports (edgemml.codegraph): editing the code that makes an artifact invalidates that
+    artifact's cache, and nothing needs to list that code by hand."""
     if cls not in _code_hashes:
+        from edgemml.codegraph import closure, module_file
+
         digests = {}
-        for name in (cls.__module__, *getattr(cls, "code", ())):
-            for path in _module_files(name):
-                digests[f"{name}:{path.name}" if path.name != "__init__.py" else name] = \
-                    sha256_file(path)
+        for name in closure(cls.__module__):
+            path = module_file(name)
+            if path is not None:
+                digests[name] = sha256_file(path)
         _code_hashes[cls] = hashlib.sha256(canonical_json(digests).encode()).hexdigest()
     return _code_hashes[cls]
 
@@ -314,7 +307,9 @@ class Runner:
     def outputs_from_record(self, item: PlannedStage, record: dict[str, Any]) -> StageOutputs:
         final = self.stage_dir(item)
         outputs = {k: final / v["path"] for k, v in record.get("outputs", {}).items()}
-        return StageOutputs(item.name, item.config.type, final, outputs, record.get("metrics", {}))
+        return StageOutputs(item.name, item.config.type, final, outputs, record.get("metrics", {}),
+                            list(record.get("highlights", [])),
+                            list(record.get("gate_failures", [])))
 
     # ---- the run ----------------------------------------------------------------------------
 
@@ -390,7 +385,7 @@ class Runner:
                 self._write_summary(started, error)
             finally:
                 lock.release()
-        failures = [(o.name, g) for o in self.outcomes for g in o.metrics.get("gate_failures", [])]
+        failures = [(o.name, g) for o in self.outcomes for g in o.gate_failures]
         if failures:
             lines = "\n".join(f"  {name}: {g}" for name, g in failures)
             raise GateFailed(f"{len(failures)} gate(s) failed:\n{lines}",
@@ -429,7 +424,7 @@ class Runner:
                     raise ArtifactError(
                         f"--only {self.only_stage}: its input stage {item.name!r} has no finished "
                         f"outputs in {self.run_dir} ({why})",
-                        hint=f"run the pipeline without --only first")
+                        hint="run the pipeline without --only first")
                 if record is not None and record.get("fingerprint") != fp:
                     self.reporter.event("warning", stage=item.name, message=(
                         "its outputs are from an older configuration; --only uses them anyway"))
@@ -452,7 +447,7 @@ class Runner:
                 self.reporter.event("stage_skip", stage=item.name, type=item.config.type,
                                     reason=reason)
                 self._outcome(item, "cached", reason, record.get("wall_time_s", 0.0), final,
-                              record.get("fingerprint"), record.get("metrics", {}))
+                              record.get("fingerprint"), out)
                 manifest["stages"].append(self._manifest_entry(item, record.get("fingerprint"),
                                                                "done"))
                 continue
@@ -497,7 +492,8 @@ class Runner:
         ctx = StageContext(name=item.name, index=item.index, config=item.config,
                            pipeline=self.pipeline, work_dir=partial,
                            inputs={d: results[d] for d in item.deps}, input_name=item.input_name,
-                           reporter=self.reporter, rank=self.rank, world_size=self.world_size)
+                           reporter=self.reporter, rank=self.rank, world_size=self.world_size,
+                           final_dir=self.run_dir / item.dir_name)
         self.reporter.event("stage_start", stage=item.name, type=item.config.type, reason=reason)
         t0 = time.perf_counter()
         started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -528,7 +524,8 @@ class Runner:
         record = self._finalize(item, partial, outputs, fp, fp_inputs, ctx, seconds, started_at)
         self.reporter.event("stage_end", stage=item.name, seconds=seconds,
                             metrics=record.get("metrics", {}))
-        self._outcome(item, "ran", reason, seconds, self.stage_dir(item), fp, record["metrics"])
+        self._outcome(item, "ran", reason, seconds, self.stage_dir(item), fp,
+                      self.outputs_from_record(item, record))
         return record
 
     def _finalize(self, item: PlannedStage, partial: Path, outputs: dict[str, Path], fp: str,
@@ -564,6 +561,8 @@ class Runner:
             "inputs": {d: fp_inputs["inputs"][d] for d in item.deps},
             "outputs": described,
             "metrics": ctx.metrics,
+            "highlights": ctx.highlights,
+            "gate_failures": ctx.gate_failures,
             "started": started_at,
             "wall_time_s": round(seconds, 3),
             "versions": {"edgemml": __version__,
@@ -577,10 +576,11 @@ class Runner:
 
     def _outcome(self, item: PlannedStage, status: str, reason: str, seconds: float = 0.0,
                  final: Path | None = None, fp: str | None = None,
-                 metrics: dict[str, Any] | None = None) -> None:
-        self.outcomes.append(StageOutcome(item.name, item.config.type, status, reason,
-                                          round(seconds, 3), final.name if final else None,
-                                          fp, metrics or {}))
+                 out: StageOutputs | None = None) -> None:
+        self.outcomes.append(StageOutcome(
+            item.name, item.config.type, status, reason, round(seconds, 3),
+            final.name if final else None, fp, out.metrics if out else {},
+            out.highlights if out else [], out.gate_failures if out else []))
 
     def _manifest_base(self) -> dict[str, Any]:
         return {"schema": RECORD_SCHEMA, "pipeline": self.pipeline.config.name,
@@ -600,7 +600,7 @@ class Runner:
             status = "interrupted"
         elif error is not None:
             status = "failed"
-        elif any(o.metrics.get("gate_failures") for o in outcomes):
+        elif any(o.gate_failures for o in outcomes):
             status = "gate-failed"
         summary = {
             "schema": RECORD_SCHEMA,

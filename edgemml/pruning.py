@@ -15,8 +15,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal
 
@@ -327,41 +325,3 @@ def prune_to_target(model: nn.Module, example: torch.Tensor, *, target: float, t
         return SearchResult(m, size, trial.fraction, first_ratio, trial.ratio, trials, True)
     best = min(trials, key=lambda t: abs(t.fraction - target))
     return SearchResult(model, reference, best.fraction, best.ratio, None, trials, False)
-
-
-# --------------------------------------------------------------------------------------------------
-# Latency
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def torch_latency(models: dict[str, nn.Module], example: torch.Tensor, *, threads: int,
-                  warmup: int, repeats: int, rounds: int = 5) -> dict[str, dict[str, float]]:
-    """Median / p90 milliseconds per call of each model on the CPU with a fixed thread count.
-
-    The models are timed in interleaved rounds (A, B, A, B, ...) so that load from other processes
-    hits all of them alike; compare their ratio, not the absolute numbers across runs.
-    """
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for m in models.values():
-            m.eval()
-            for _ in range(warmup):
-                m(example)
-        times: dict[str, list[float]] = {k: [] for k in models}
-        per_round = max(1, math.ceil(repeats / rounds))
-        for _ in range(rounds):
-            for key, m in models.items():
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    m(example)
-                    times[key].append((time.perf_counter() - t0) * 1000)
-    finally:
-        torch.set_num_threads(saved)
-    out = {}
-    for key, ts in times.items():
-        ts.sort()
-        out[key] = {"median_ms": statistics.median(ts), "p90_ms": ts[int(0.9 * (len(ts) - 1))],
-                    "runs": len(ts)}
-    return out

@@ -52,7 +52,8 @@ class EarlyStopConfig(StrictModel):
     metric: Literal["val_accuracy", "val_loss"] = Field("val_accuracy",
                                                         description="Metric watched on val split.")
     patience: int = Field(3, ge=1, description="Epochs without improvement before stopping.")
-    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as improvement.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as improvement "
+                             "(val_accuracy: a fraction, 0.005 = half a point; val_loss: absolute).")
 
 
 class DistillConfig(StrictModel):

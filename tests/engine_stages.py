@@ -100,5 +100,5 @@ class ToyScale(Stage[ToyScaleConfig]):
         out.write_text(str(result))
         ctx.record(value=result)
         if config.gate_max is not None and result > config.gate_max:
-            ctx.record(gate_failures=[f"value {result} > gate_max {config.gate_max}"])
+            ctx.fail_gates([f"value {result} > gate_max {config.gate_max}"])
         return {"model": out.parent}

@@ -164,6 +164,11 @@ def split_indices(labels: np.ndarray, split: SplitConfig, seed: int) -> dict[str
 
     Split sizes are round(N * fraction) for val and test (train gets the rest); with stratify each
     class contributes proportionally (largest remainder, so per-class counts are within 1 of exact).
+
+    Not scikit-learn's train_test_split(stratify=...): it refuses a class with a single sample
+    ("The least populated class in y has only 1 member") and a test split smaller than the number
+    of classes, both of which real folders of images hit (a rare class; `test: 0.01` of a
+    100-class set), where this allocation simply gives such a class no val/test sample.
     """
     rng = np.random.default_rng(seed)
     n = len(labels)
@@ -322,6 +327,30 @@ def load_calibration_folder(folder: Path, classes: list[str], spec: dict[str, An
     return ImageDataset(images, labels, classes, spec, files=files, name="calibration")
 
 
+def evenly_spaced(n_total: int, n: int) -> np.ndarray:
+    """n indices spread over range(n_total) (deterministic; covers every class of a sorted split)."""
+    if n >= n_total:
+        return np.arange(n_total)
+    return np.unique(np.linspace(0, n_total - 1, n).round().astype(np.int64))
+
+
+def as_arrays(dataset: Any, indices: Sequence[int] | np.ndarray | None = None) -> tuple[
+        np.ndarray, np.ndarray]:
+    """(inputs [N, ...] float32, labels [N] int64) of a dataset's items through its own
+    preprocessing: all of them, or `indices` (an index past the end wraps around, so a small split
+    still fills a latency batch of real samples)."""
+    n = len(dataset)
+    order = range(n) if indices is None else [int(i) % max(n, 1) for i in indices]
+    xs, ys = [], []
+    for i in order:
+        x, y = dataset[i]
+        xs.append(np.asarray(x, dtype=np.float32))
+        ys.append(int(y))
+    if not xs:
+        return np.zeros((0,), np.float32), np.zeros((0,), np.int64)
+    return np.stack(xs), np.asarray(ys, dtype=np.int64)
+
+
 def data_files(cfg: DataConfig, base_dir: Path) -> list[Path]:
     """The files whose bytes define the data (cache fingerprints); empty for built-in sources."""
     base_dir = Path(base_dir)
@@ -336,5 +365,5 @@ def data_files(cfg: DataConfig, base_dir: Path) -> list[Path]:
     return sorted(set(paths))
 
 
-__all__ = ["DataSplits", "ImageDataset", "data_files", "load_calibration_folder", "load_data",
+__all__ = ["DataSplits", "ImageDataset", "as_arrays", "data_files", "evenly_spaced", "load_calibration_folder", "load_data",
            "load_image_folder", "per_class_subset", "split_indices", "stratified_sample"]

@@ -6,14 +6,12 @@ invisible in a loss curve. Drawn with Pillow only (no matplotlib backend issues 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from edgemml.artifacts import atomic_path
 from edgemml.data.preprocess import to_pil
 
 
@@ -78,21 +76,6 @@ def save_sample_grid(dataset_or_images: Any, labels: Sequence[int] | None = None
             sheet.paste(img, (x + (cell - size[0]) // 2, y + (cell - size[1]) // 2))
 
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            sheet.save(fh, format="PNG")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
     return out
-
-
-def images_as_array(images: Sequence[Any]) -> np.ndarray:
-    """Stack equally sized images into one uint8 array (handy for tests and reports)."""
-    return np.stack([np.asarray(to_pil(i)) for i in images])

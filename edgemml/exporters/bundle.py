@@ -20,33 +20,25 @@ manifest.json:
               outputs [{name, shape ('batch' = dynamic), dtype}], source_stage, checks {...},
               metrics {} (filled by validate)}]
     samples: [{file, label, predictions {model file: label}}]
-    validation: null, or the validate stage's metrics (add_validation below)
+    validation: null (the validate stage writes a marked copy of the manifest in its own folder)
     files: {relative path: {sha256, bytes}} for every file except manifest.json
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgemml.artifacts import atomic_path, sha256_file, write_json_atomic
+
 BUNDLE_FORMAT = "edgemml-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
 PREDICT_TEMPLATE = Path(__file__).with_name("predict_template.py")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def copy_support_files(bundle: Path, preprocess_spec: dict[str, Any], classes: list[str]) -> None:
@@ -74,7 +66,7 @@ def write_manifest(bundle: Path, manifest: dict[str, Any]) -> Path:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest,
             "files": file_table(bundle)}
     path = bundle / MANIFEST
-    path.write_text(json.dumps(full, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(path, full)
     return path
 
 
@@ -86,37 +78,9 @@ def write_archive(bundle: Path, archive: Path) -> Path:
         info.uname = info.gname = ""
         return info
 
-    tmp = archive.with_name(archive.name + ".tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
+    with atomic_path(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
         tar.add(bundle, arcname=bundle.name, recursive=False, filter=clean)
         for p in sorted(bundle.rglob("*")):
             tar.add(p, arcname=f"{bundle.name}/{p.relative_to(bundle).as_posix()}",
                     recursive=False, filter=clean)
-    os.replace(tmp, archive)
     return archive
-
-
-def add_validation(bundle: Path, *, validation: dict[str, Any],
-                   model_metrics: dict[str, dict[str, Any]] | None = None,
-                   default_model: str | None = None) -> Path:
-    """For the validate stage: record its metrics in (a copy of) a bundle's manifest.json.
-
-    `model_metrics` maps a models[].file to its metrics; `default_model` may name the recommended
-    model file. The file table is recomputed. Call it on a copy inside the validate stage's own
-    folder: the export stage's outputs are hashed and must not change.
-    """
-    path = bundle / MANIFEST
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    manifest["validation"] = validation
-    files = {m["file"] for m in manifest["models"]}
-    for file, metrics in (model_metrics or {}).items():
-        if file not in files:
-            raise KeyError(f"{file} is not a model of the bundle ({', '.join(sorted(files))})")
-        next(m for m in manifest["models"] if m["file"] == file)["metrics"] = metrics
-    if default_model is not None:
-        if default_model not in files:
-            raise KeyError(f"{default_model} is not a model of the bundle")
-        manifest["default_model"] = default_model
-    manifest["files"] = file_table(bundle)
-    path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return path

@@ -2,7 +2,7 @@
 
 `openvino.save_model` compresses weights to fp16 unless told `compress_to_fp16=False`, so the weight
 precision is always passed explicitly here and recorded. Execution precision is a separate matter
-(see exporters.runtime.openvino_compiled): an IR with fp32 weights still runs in bf16 on CPUs with
+(see edgemml.runtimes.openvino): an IR with fp32 weights still runs in bf16 on CPUs with
 AVX-512 BF16 unless compiled with INFERENCE_PRECISION_HINT=f32.
 """
 
@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from edgemml.errors import StageError
+from edgemml.runtimes.openvino import IR_XML
 
-IR_XML = "model.xml"
 IR_BIN = "model.bin"
 
 
@@ -91,16 +91,3 @@ def ir_signature(folder: Path) -> dict[str, list[dict[str, Any]]]:
         return out
 
     return {"inputs": describe(model.inputs), "outputs": describe(model.outputs)}
-
-
-def ir_weight_types(folder: Path) -> dict[str, int]:
-    """Count of Constant nodes by element type (shows fp32 vs fp16 vs int8 weights as written)."""
-    import openvino as ov
-
-    model = ov.Core().read_model(str(Path(folder) / IR_XML))
-    counts: dict[str, int] = {}
-    for op in model.get_ops():
-        if op.get_type_name() == "Constant":
-            t = op.get_output_element_type(0).get_type_name()
-            counts[t] = counts.get(t, 0) + 1
-    return counts

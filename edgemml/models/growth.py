@@ -27,11 +27,14 @@ concatenation, a flatten into a Linear or a channel normalisation over widened c
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from edgemml.metrics import agreement
 
 Shape = tuple[int, ...]
 
@@ -301,7 +304,7 @@ def function_match(source: nn.Module, grown: nn.Module, batches: Iterable[torch.
     """Compare logits on the same inputs; `rows` pairs (target row, source row), default all."""
     source.eval()
     grown.eval()
-    deltas, logits_max, agree, n = 0.0, 0.0, 0, 0
+    deltas, logits_max, agree, n = 0.0, 0.0, 0.0, 0
     used = 0
     for x in batches:
         s, g = source(x), grown(x)
@@ -316,7 +319,7 @@ def function_match(source: nn.Module, grown: nn.Module, batches: Iterable[torch.
         used = s_rows.shape[1]
         deltas = max(deltas, float((g_rows - s_rows).abs().max()))
         logits_max = max(logits_max, float(s_rows.abs().max()))
-        agree += int((g_rows.argmax(1) == s_rows.argmax(1)).sum())
+        agree += agreement(g_rows.numpy(), s_rows.numpy()) * x.shape[0]
         n += x.shape[0]
     if n == 0:
         return FunctionMatch(False, "no samples to compare on")

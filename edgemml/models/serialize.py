@@ -9,8 +9,6 @@ modules of the recorded shapes, and loads the weights with strict=True, so nothi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from edgemml.artifacts import atomic_path, write_text_atomic
 from edgemml.config import ModelConfig
 from edgemml.errors import InputError
 from edgemml.models.registry import build_model, set_submodule
@@ -174,20 +173,6 @@ def diff_layer_shapes(model: nn.Module, fresh: nn.Module) -> tuple[dict[str, dic
     return layers, params
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
     """Write folder/model.safetensors and folder/model.json (each atomically).
 
@@ -203,10 +188,9 @@ def save_model(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
                                    "param_shapes": params})
     # Clone: safetensors refuses shared or non-contiguous storage (tied weights, views).
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(folder / MODEL_WEIGHTS,
-                  lambda tmp: save_file(state, tmp, metadata={"format": "pt", "edgemml": "model"}))
-    text = spec_to_json(spec)
-    _atomic_write(folder / MODEL_SPEC, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    with atomic_path(folder / MODEL_WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "edgemml": "model"})
+    write_text_atomic(folder / MODEL_SPEC, spec_to_json(spec))
 
 
 def spec_to_json(spec: ModelSpec) -> str:

@@ -13,8 +13,9 @@ model with the gate frozen to its constant, and undone (and reported) where it d
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
+
+from edgemml.machine import cpu
 
 Target = Literal["x86-vnni", "x86", "arm64"]
 
@@ -39,25 +40,12 @@ RECIPES: dict[str, OrtRecipe] = {
 }
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    """Feature flags of the first CPU listed in /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
-
-
 def detect_target() -> tuple[str, str]:
     """(target, evidence) for this machine: arm64, x86-vnni (avx512_vnni or avx_vnni) or x86."""
     machine = platform.machine().lower()
     if machine in ("aarch64", "arm64") or machine.startswith("arm"):
         return "arm64", f"platform.machine()={machine}"
-    flags = cpu_flags()
+    flags = cpu().flags
     vnni = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
     if vnni:
         return "x86-vnni", f"CPU flags: {', '.join(vnni)}"

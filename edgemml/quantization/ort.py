@@ -15,8 +15,9 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
+from edgemml import runtimes
 from edgemml.errors import StageError
-from edgemml.exporters.runtime import onnx_session, run_onnx
+from edgemml.quantization.budget import Searched, noop_progress, score
 
 Method = Literal["minmax", "entropy", "percentile"]
 
@@ -142,7 +143,8 @@ class OrtQuantizer:
 
 
 def logits(path: Path, x: np.ndarray) -> np.ndarray:
-    return run_onnx(onnx_session(path), x)
+    """Outputs of an ONNX file on x, through the runtime layer (all cores: only values matter)."""
+    return runtimes.predict(runtimes.backend("onnxruntime").open(path, threads=None), x)
 
 
 def sensitivity(quantizer: OrtQuantizer, candidates: list[str], x: np.ndarray, ref: np.ndarray,
@@ -161,6 +163,51 @@ def sensitivity(quantizer: OrtQuantizer, candidates: list[str], x: np.ndarray, r
             advance()
     tmp.unlink(missing_ok=True)
     return scores
+
+
+def quantize_within_budget(quantizer: OrtQuantizer, out: Path, tmp: Path, *, val_x: np.ndarray,
+                           val_y: np.ndarray, ref: np.ndarray, fp32_pct: float | None,
+                           budget_pp: float | None, max_float_layers: int | None,
+                           sensitivity_samples: int, log: Callable[[str], None] = print,
+                           progress: Any = noop_progress) -> Searched:
+    """Quantize every node; if the top-1 drop on (val_x, val_y) exceeds `budget_pp`, rank the
+    nodes by sensitivity and keep the k most sensitive in float for the smallest k that meets it
+    (at most `max_float_layers`). `result.met` is False when no allowed k does."""
+    from edgemml.data.datasets import evenly_spaced
+
+    quantizer.quantize(out)
+    candidates = quantizer.quantized_nodes(out)
+    plain = score(logits(out, val_x), val_y, ref, fp32_pct)
+    result = Searched(plain, plain, quantized_layers=len(candidates))
+    if budget_pp is None or plain.drop_pp is None or plain.drop_pp <= budget_pp:
+        return result
+    log(f"onnxruntime int8 drops {plain.drop_pp:.2f} pp > {budget_pp:g} pp: ranking "
+        f"{len(candidates)} layers by sensitivity")
+    sel = evenly_spaced(len(val_x), sensitivity_samples)
+    with progress("layer sensitivity (onnxruntime)", len(candidates)) as bar:
+        scores = sensitivity(quantizer, candidates, val_x[sel], ref[sel].astype(np.float64),
+                             tmp / "one_layer.onnx", advance=bar.advance)
+    ranked = sorted(candidates, key=lambda n: -scores[n])
+    cap = min(max_float_layers or len(ranked), len(ranked))
+    trials: list[dict[str, Any]] = []
+    final, met = plain, False
+    with progress("keeping layers in float", cap) as bar:
+        for k in range(1, cap + 1):
+            quantizer.quantize(out, exclude=ranked[:k])
+            final = score(logits(out, val_x), val_y, ref, fp32_pct)
+            trials.append({"float_layers": k, "top1_pct": final.top1_pct,
+                           "accuracy_drop_pp": final.drop_pp})
+            bar.advance()
+            bar.update(drop_pp=final.drop_pp)
+            if final.drop_pp is not None and final.drop_pp <= budget_pp:
+                met = True
+                break
+    result.final = final
+    result.float_layers = ranked[:len(trials)]
+    result.search = {"budget_pp": budget_pp, "max_float_layers": cap, "met": met,
+                     "sensitivity": {n: round(scores[n], 8) for n in ranked},
+                     "sensitivity_samples": int(len(sel)), "trials": trials}
+    return result
 
 
 def initializer_bytes(path: Path) -> dict[str, int]:

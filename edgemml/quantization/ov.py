@@ -10,11 +10,15 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
 
+from edgemml import runtimes
 from edgemml.errors import StageError
+from edgemml.quantization.budget import Searched, score
+from edgemml.runtimes.openvino import IR_XML
 
 WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData",
                 "GroupConvolutionBackpropData")
@@ -69,8 +73,8 @@ def quantize_ov_with_budget(model: Any, calibration: np.ndarray, val_x: np.ndarr
                             accuracy: Callable[[Any, np.ndarray, np.ndarray], float]) -> Any:
     """nncf.quantize_with_accuracy_control with an absolute top-1 drop budget (percentage points).
 
-    `accuracy(compiled_model, x, y)` is the same metric the stage reports, so NNCF optimises what
-    the report measures.
+    `accuracy(compiled_model, x, y)` is the same metric the stage reports (top-1 in percent), so
+    NNCF optimises what the report measures; the budget is in the same unit.
     """
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
@@ -92,7 +96,7 @@ def quantize_ov_with_budget(model: Any, calibration: np.ndarray, val_x: np.ndarr
         warnings.simplefilter("ignore")
         try:
             return nncf.quantize_with_accuracy_control(
-                model, calib, val, validate, max_drop=max_drop_pp / 100.0,
+                model, calib, val, validate, max_drop=max_drop_pp,
                 drop_type=nncf.DropType.ABSOLUTE,
                 advanced_accuracy_restorer_parameters=restorer, **_common_kwargs(settings))
         except (RuntimeError, ValueError, nncf.errors.ValidationError) as exc:
@@ -111,3 +115,56 @@ def float_layers(model: Any) -> tuple[list[str], list[str]]:
         (quantized if src.get_type_name() == "FakeQuantize" else floating).append(
             op.get_friendly_name())
     return quantized, floating
+
+
+def _logits(model_or_xml: Any, x: np.ndarray) -> tuple[np.ndarray, str]:
+    """Outputs in fp32 execution (INFERENCE_PRECISION_HINT=f32), and that precision."""
+    ov_rt = runtimes.backend("openvino")
+    compiled, precision = ov_rt.compile(model_or_xml, threads=None, exact=True)
+    runner = ov_rt.runner_for(compiled, precision, threads=None, name="int8")
+    return runtimes.predict(runner, x), precision
+
+
+def _top1(compiled: Any, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 (percent) of a model NNCF compiled itself, for its accuracy-control loop."""
+    from edgemml.metrics import accuracy
+
+    runner = runtimes.backend("openvino").runner_for(compiled, "f32", threads=None, name="nncf")
+    return accuracy(runtimes.predict(runner, x), y).top1_pct or 0.0
+
+
+def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, settings: OvSettings, *,
+                val_x: np.ndarray, val_y: np.ndarray, ref: np.ndarray, fp32_pct: float | None,
+                budget_pp: float | None, max_float_layers: int | None,
+                log: Callable[[str], None] = print) -> tuple[Searched, str]:
+    """An int8 IR of an fp32 ONNX model in out_dir/model.xml, and the precision it runs in.
+
+    nncf.quantize first; if the top-1 drop exceeds `budget_pp`,
+    nncf.quantize_with_accuracy_control keeps layers in float. Accuracy is measured with the IR
+    compiled in f32, and which layers stayed in float is read from the saved IR itself.
+    """
+    import shutil
+
+    import openvino as ov
+
+    model = ov.convert_model(str(fp32_onnx))
+    ov.save_model(quantize_ov(model, calibration, settings), str(out_dir / IR_XML),
+                  compress_to_fp16=False)
+    logits, precision = _logits(out_dir / IR_XML, val_x)
+    plain = score(logits, val_y, ref, fp32_pct)
+    final, search = plain, None
+    if budget_pp is not None and plain.drop_pp is not None and plain.drop_pp > budget_pp:
+        log(f"openvino int8 drops {plain.drop_pp:.2f} pp > {budget_pp:g} pp: "
+            f"nncf.quantize_with_accuracy_control")
+        q = quantize_ov_with_budget(ov.convert_model(str(fp32_onnx)), calibration, val_x, val_y,
+                                    settings, max_drop_pp=budget_pp,
+                                    max_float_layers=max_float_layers, accuracy=_top1)
+        shutil.rmtree(out_dir)
+        ov.save_model(q, str(out_dir / IR_XML), compress_to_fp16=False)
+        logits, precision = _logits(out_dir / IR_XML, val_x)
+        final = score(logits, val_y, ref, fp32_pct)
+        search = {"budget_pp": budget_pp, "method": "nncf.quantize_with_accuracy_control",
+                  "max_float_layers": max_float_layers,
+                  "met": final.drop_pp is not None and final.drop_pp <= budget_pp}
+    quantized, floating = float_layers(ov.Core().read_model(str(out_dir / IR_XML)))
+    return Searched(plain, final, len(quantized), floating, search), precision

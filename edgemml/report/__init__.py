@@ -24,7 +24,7 @@ Schema (`"schema": "edgemml.validate-report"`, `"version": 1`), stable within a 
     recommended            {backend: artifact name or null}
     baseline               {path, created, pipeline, status} or null
     stages[]               {name, type, wall_time_s, started, metrics} of the run's earlier stages
-    curves                 {stage: [{epoch, train_loss, val_loss, train_accuracy, val_accuracy}]}
+    curves                 {stage: [{epoch, train_loss, val_loss, train_top1_pct, val_top1_pct}]}
     bundle                 {stage, source, manifest} or null
 """
 

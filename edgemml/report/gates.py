@@ -230,6 +230,52 @@ def failure_lines(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def builtin_gates(entries: list[dict[str, Any]], primary: str, *, min_reference_diversity:
+                  float | None, min_correlation: float | None) -> list[dict[str, Any]]:
+    """The always-on honesty checks: a diverse reference, and artifacts that follow it."""
+    rows: list[dict[str, Any]] = []
+    ref = next(e for e in entries if e["name"] == primary)
+    if min_reference_diversity is not None:
+        div = ref["diversity"]
+        ok = div["distinct_fraction"] >= min_reference_diversity
+        rows.append(_row("reference.min_diversity", "reference", primary, "distinct_fraction",
+                         ">=", min_reference_diversity, div["distinct_fraction"], "",
+                         "pass" if ok else "fail",
+                         "" if ok else f"{div['distinct_predictions']} of "
+                         f"{div['classes_in_labels']} classes predicted; parity against a "
+                         f"near-constant model proves nothing"))
+    if min_correlation is not None:
+        # every artifact against its own reference; the secondary torch references (e.g. the
+        # unpruned model) are not gated by `all`
+        others = [e for e in entries if e["name"] != e["reference"]]
+        for row in evaluate_gates(others, {"all": {"min_correlation": min_correlation}}, None):
+            row["gate"], row["selector"] = "parity.min_correlation", "builtin"
+            rows.append(row)
+    return rows
+
+
+def recommend(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, str | None]:
+    """Per backend, the fastest deployed artifact (batch-1 median) passing every gate — its exact
+    twin's and its reference's included. Sets each entry's `passed` and `recommended`."""
+    failed = {r["artifact"] for r in rows if r["status"] == "fail" and r["artifact"]}
+    unmatched = any(r["status"] == "fail" and not r["artifact"] for r in rows)
+    for e in entries:
+        e["passed"] = e["name"] not in failed
+    by_name = {e["name"]: e for e in entries}
+    out: dict[str, str | None] = {}
+    backends = list(dict.fromkeys(e["backend"] for e in entries if e["mode"] == "deployed"))
+    for backend in backends:
+        cands = [e for e in entries if e["backend"] == backend and e["mode"] == "deployed"]
+        ok = [e for e in cands if e["passed"] and not unmatched
+              and by_name.get(f"{e['name']}[f32]", e)["passed"]
+              and by_name.get(e["reference"] or e["name"], e)["passed"]]
+        best = min(ok, key=lambda e: e["latency"]["batch1_median_ms"], default=None)
+        out[backend] = best["name"] if best else None
+        if best:
+            best["recommended"] = True
+    return out
+
+
 def fmt(value: Any) -> str:
     """Numbers as people read them in a table: 4 significant digits, scientific when tiny."""
     if value is None:

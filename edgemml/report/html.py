@@ -12,7 +12,8 @@ import io
 import json
 from typing import Any
 
-from edgemml.report.markdown import artifact_table, gate_table, rewrite_sections
+from edgemml.report.schema import Report
+from edgemml.report.tables import artifact_table, gate_table, rewrite_tables, to_html
 
 _COLORS = {"torch": "#555555", "onnxruntime": "#1f77b4", "openvino": "#d62728"}
 _MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
@@ -111,7 +112,7 @@ def plot_curves(report: dict[str, Any]) -> str | None:
     axes = fig.subplots(len(curves), 2, squeeze=False)
     for (stage, rows), (ax_loss, ax_acc) in zip(curves.items(), axes):
         epochs = [r.get("epoch", i + 1) for i, r in enumerate(rows)]
-        for key, ax in (("loss", ax_loss), ("accuracy", ax_acc)):
+        for key, ax in (("loss", ax_loss), ("top1_pct", ax_acc)):
             for split, style in (("train", "-"), ("val", "--")):
                 values = [r.get(f"{split}_{key}") for r in rows]
                 pts = [(e, v) for e, v in zip(epochs, values) if v is not None]
@@ -158,7 +159,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max
 color:#222;padding:0 1em}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}
 td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
-td:first-child,th:first-child,td:nth-child(2){text-align:left}
+th,td.l{text-align:left}
 .pass{color:#1a7f37}.fail{color:#cf222e;font-weight:bold}.skip{color:#777}
 figure.plot{margin:1.5em 0}figure.plot svg{max-width:100%;height:auto}
 .status-passed{color:#1a7f37}.status-failed{color:#cf222e}
@@ -175,29 +176,9 @@ s.querySelectorAll('path,use,text').length>0)n++;});document.body.dataset.plotsR
 """
 
 
-def _md_table_to_html(lines: list[str]) -> str:
-    """The Markdown tables of report.md as HTML (same content, one implementation of the rows)."""
-    if len(lines) < 2 or not lines[0].startswith("|"):
-        return f"<p>{html.escape(' '.join(lines))}</p>"
-
-    def cells(line: str) -> list[str]:
-        parts = line.strip().strip("|").replace("\\|", "\x00").split("|")
-        return [p.strip().replace("\x00", "|") for p in parts]
-
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cells(lines[0]))
-    body = []
-    for line in lines[2:]:
-        tds = []
-        for c in cells(line):
-            cls = "fail" if "FAIL" in c else "pass" if "pass" in c else "skip" if "skip" in c else ""
-            text = html.escape(c.replace("**", "").replace("`", ""))
-            tds.append(f'<td class="{cls}">{text}</td>' if cls else f"<td>{text}</td>")
-        body.append("<tr>" + "".join(tds) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-
-
-def render_html(report: dict[str, Any]) -> str:
+def render_html(report: Report) -> str:
     status = report.get("status", "?")
+    gates = gate_table(report)
     plots = [("tradeoff", "Accuracy, latency and size", plot_tradeoff(report)),
              ("latency", "Latency", plot_latency(report)),
              ("per-class", "Per-class accuracy", plot_per_class(report)),
@@ -219,12 +200,12 @@ def render_html(report: dict[str, Any]) -> str:
         f"<code>{html.escape(str(data.get('source')))}</code>; {env.get('threads')} thread(s) on "
         f"{html.escape(str(env.get('processor') or env.get('machine')))}.</p>",
         f"<p>Recommended (fastest artifact passing every gate): {rec_text or 'n/a'}</p>",
-        "<h2>Gates</h2>", _md_table_to_html(gate_table(report, emoji=False)),
-        "<h2>Artifacts</h2>", _md_table_to_html(artifact_table(report)),
+        "<h2>Gates</h2>", to_html(gates) if gates else "<p>No gates configured.</p>",
+        "<h2>Artifacts</h2>", to_html(artifact_table(report)),
     ]
-    for line, rows in rewrite_sections(report):
+    for line, table in rewrite_tables(report):
         parts += ["<h2>Rewrite: original vs rewritten in int8</h2>",
-                  f"<p>{html.escape(line.replace('`', ''))}</p>", _md_table_to_html(rows)]
+                  f"<p>{html.escape(line.replace('`', ''))}</p>", to_html(table)]
     for pid, title, svg in plots:
         if svg is None:
             continue

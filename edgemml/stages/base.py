@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Iterator, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from edgemml.config import StageConfig
 from edgemml.errors import ArtifactError
@@ -30,6 +30,10 @@ class StageOutputs:
     dir: Path
     outputs: dict[str, Path]
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: lines the stage asked to show at the end of a run (e.g. where its bundle is)
+    highlights: list[str] = field(default_factory=list)
+    #: one line per validation gate the stage found failing; the run then exits 1
+    gate_failures: list[str] = field(default_factory=list)
 
     def __getitem__(self, key: str) -> Path:
         try:
@@ -62,18 +66,23 @@ class StageContext:
 
     def __init__(self, *, name: str, index: int, config: StageConfig, pipeline: LoadedPipeline,
                  work_dir: Path, inputs: dict[str, StageOutputs], input_name: str | None,
-                 reporter: Reporter, rank: int = 0, world_size: int = 1) -> None:
+                 reporter: Reporter, rank: int = 0, world_size: int = 1,
+                 final_dir: Path | None = None) -> None:
         self.name = name
         self.index = index
         self.config = config
         self.pipeline = pipeline
         self.work_dir = work_dir
+        #: where the runner moves work_dir once the stage has finished (for messages that name it)
+        self.final_dir = final_dir or work_dir
         self.inputs = inputs
         self.input_name = input_name
         self.reporter = reporter
         self.rank = rank
         self.world_size = world_size
         self.metrics: dict[str, Any] = {}
+        self.highlights: list[str] = []
+        self.gate_failures: list[str] = []
 
     @property
     def seed(self) -> int:
@@ -119,6 +128,16 @@ class StageContext:
         """Metrics that go into stage.json (and the run report)."""
         self.metrics.update(metrics)
 
+    def highlight(self, line: str) -> None:
+        """A line shown when the run ends, also when this stage is cached (e.g. where the bundle
+        is, what the recommended artifact is)."""
+        self.highlights.append(line)
+
+    def fail_gates(self, lines: list[str]) -> None:
+        """Validation gates that failed, one line each. The stage still finishes and writes every
+        report; the runner then exits 1, also on a cached re-run, so CI stays red."""
+        self.gate_failures.extend(lines)
+
 
 class Stage(ABC, Generic[C]):
     """A pipeline stage. Subclasses set `type`, `Config` and implement `run`."""
@@ -131,8 +150,6 @@ class Stage(ABC, Generic[C]):
     requires: ClassVar[tuple[str, ...]] = ()
     #: output keys this stage provides; a stage providing "model" is a default input for later ones
     provides: ClassVar[tuple[str, ...]] = ("model",)
-    #: edgemml modules (or packages) whose source enters the fingerprint besides the stage's own
-    code: ClassVar[tuple[str, ...]] = ("edgemml.models", "edgemml.data", "edgemml.stages.common")
     #: the stage reads every earlier stage (ctx.inputs has them all), e.g. validate
     reads_all_earlier: ClassVar[bool] = False
 
@@ -163,11 +180,3 @@ class Stage(ABC, Generic[C]):
     @abstractmethod
     def run(self, ctx: StageContext, config: C) -> dict[str, Path]:
         """Do the work, write into ctx.work_dir, return {output key: path inside work_dir}."""
-
-
-def iter_files(path: Path) -> Iterator[Path]:
-    """A file, or every file below a folder, in a stable order."""
-    if path.is_file():
-        yield path
-    elif path.is_dir():
-        yield from sorted(p for p in path.rglob("*") if p.is_file())

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgemml.artifacts import canonical_json, write_json_atomic
 from edgemml.config import DataConfig, LoadedPipeline, PreprocessConfig, StageConfig
-from edgemml.errors import ConfigError
+from edgemml.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -38,6 +38,33 @@ def data_config(config: StageConfig, pipeline: LoadedPipeline, *,
 
 def preprocess_config(config: StageConfig, pipeline: LoadedPipeline) -> PreprocessConfig:
     return getattr(config, "preprocess", None) or pipeline.config.preprocess
+
+
+def model_preprocess(recorded: Any, config: StageConfig, pipeline: LoadedPipeline, *,
+                     source: str = "model.json",
+                     warn: Any = None) -> tuple[PreprocessConfig, str]:
+    """(spec, where it came from): the preprocessing recorded with a model (model.json's
+    extra.preprocess, a bundle's preprocess.json) when there is one — what the model was trained
+    with — else the stage's / pipeline's `preprocess:`. `warn` is told when the two differ."""
+    own = preprocess_config(config, pipeline)
+    if not recorded:
+        return own, "pipeline"
+    try:
+        spec = PreprocessConfig.model_validate(recorded)
+    except ValueError as exc:
+        raise InputError(f"the preprocessing recorded in {source} is invalid: {exc}",
+                         file=source) from None
+    if warn is not None and spec != own:
+        warn(f"using the preprocessing recorded in {source}, which differs from the pipeline's "
+             f"`preprocess:`")
+    return spec, source
+
+
+def check_channels(pre: PreprocessConfig, in_chans: int) -> None:
+    if pre.num_channels != in_chans:
+        raise InputError(f"preprocess.channels={pre.channels} gives {pre.num_channels} channel(s) but "
+                         f"the model takes {in_chans}", key="preprocess.channels",
+                         hint="use the preprocessing the model was trained with")
 
 
 def stage_data_files(config: StageConfig, pipeline: LoadedPipeline) -> list[Path]:

@@ -4,20 +4,38 @@ the deployable bundle (folder and .tar.gz) with the int8 models of an earlier qu
 Outputs: onnx-fp32 (model.fp32.onnx), onnx-fp16 (when fp16: true), openvino-fp32 or openvino-fp16
 (folder with model.xml/.bin), bundle (folder), bundle_archive (bundle.tar.gz), report (export.json).
 A conversion whose outputs differ from torch by more than the tolerance is an error, not a warning.
+Every converted model is run right after conversion, through the runtime layer, on real validation
+samples; OpenVINO models with INFERENCE_PRECISION_HINT=f32, and the precision the runtime reports is
+stored with the figures (the default — bf16 on CPUs with AVX-512 BF16 — is measured too, for the
+record, because that is what a plain `compile_model` would give a user).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
 from edgemml.config import (STAGE_NAME_RE, DataConfig, LoadedPipeline, PreprocessConfig,
                             StageConfig, StrictModel)
+from edgemml.errors import ArtifactError, InputError, StageError
 from edgemml.exporters.options import OnnxOptions
-from edgemml.stages.base import Stage, StageContext
-from edgemml.stages.common import stage_data_files
+from edgemml.stages.base import Stage, StageContext, StageOutputs
+from edgemml.stages.common import (check_channels, load_input_model, load_stage_data,
+                                   model_preprocess, stage_data_files, write_json)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+FP32_ONNX = "model.fp32.onnx"
+FP16_ONNX = "model.fp16.onnx"
+BUNDLE = "bundle"
+ARCHIVE = "bundle.tar.gz"
+#: artifacts shipped by default, in this order (fp16 ones only when listed in bundle.include)
+DEFAULT_INCLUDE = ("onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8")
 
 ArtifactKey = Literal["onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-fp16",
                       "openvino-int8"]
@@ -86,7 +104,6 @@ class ExportStage(Stage[ExportConfig]):
     provides = ("onnx-fp32", "onnx-fp16", "openvino-fp32", "openvino-fp16", "bundle",
                 "bundle_archive", "report")
     requires = ("torch", "onnx", "onnxruntime", "openvino", "onnxscript", "onnxslim", "onnxsim")
-    code = ("edgemml.models", "edgemml.data", "edgemml.stages.common", "edgemml.exporters")
     #: `quantized: auto` picks the nearest earlier quantize stage, which only the run knows
     reads_all_earlier = True
 
@@ -102,10 +119,260 @@ class ExportStage(Stage[ExportConfig]):
         return stage_data_files(config, pipeline)
 
     def run(self, ctx: StageContext, config: ExportConfig) -> dict[str, Path]:
-        # torch, onnx and openvino are imported there, not when the pipeline file is validated
-        from edgemml.exporters.export_run import export_stage
+        from edgemml import runtimes
+        from edgemml.data.datasets import as_arrays, evenly_spaced
 
-        return export_stage(ctx, config)
+        model, spec = load_input_model(ctx)
+        pre, pre_from = model_preprocess(spec.extra.get("preprocess"), config, ctx.pipeline)
+        check_channels(pre, spec.in_chans)
+        data = load_stage_data(ctx, config, preprocess=pre)
+        classes = list(spec.class_names or data.classes)
+        if len(classes) != spec.num_classes:
+            raise InputError(f"{len(classes)} class names for a model with {spec.num_classes} "
+                             f"outputs", key="data.classes")
+        pool = data.val if len(data.val) else (data.test if len(data.test) else data.train)
+        x, _ = as_arrays(pool, evenly_spaced(len(pool), config.parity_samples))
+        ref = runtimes.backend("torch").logits(model, x)
+        arts, exp = _convert(ctx, config, model, x, ref)
+        arts.update(_int8_artifacts(ctx, config, x, ref))
+        outputs = {key: art["_path"] for key, art in arts.items() if art.get("source_stage") is None}
+        report: dict[str, Any] = {
+            "input_stage": ctx.input_name, "preprocess_from": pre_from, "parity_split": pool.name,
+            "artifacts": {k: {kk: vv for kk, vv in v.items() if kk != "_path"}
+                          for k, v in arts.items()}}
+        bundle, models, default, n_samples = _assemble_bundle(
+            ctx, config, arts, pre.model_dump(mode="json"), classes,
+            data.test if len(data.test) else pool)
+        outputs["bundle"] = bundle
+        report["bundle"] = {"models": [m["file"] for m in models], "default_model": default,
+                            "samples": n_samples}
+        if config.bundle.archive:
+            from edgemml.exporters.bundle import write_archive
+
+            outputs["bundle_archive"] = write_archive(bundle, ctx.work_dir / ARCHIVE)
+        outputs["report"] = write_json(ctx, "export.json", report)
+        ctx.record(onnx_opset=exp.opset, onnx_exporter=exp.exporter,
+                   fp32_max_abs_diff=arts["onnx-fp32"]["checks"]["parity_vs_torch"]["max_abs_diff"],
+                   bundle_models=len(models))
+        ctx.highlight(f"bundle: {ctx.final_dir / BUNDLE} ({len(models)} models, default "
+                      f"{default}); check it with: python {ctx.final_dir / BUNDLE}/predict.py "
+                      f"--self-check")
+        return outputs
+
+
+def _check(name: str, ref: np.ndarray, out: np.ndarray, tolerance: float) -> dict[str, Any]:
+    from edgemml.metrics import check_parity
+
+    result = check_parity(ref, out, tolerance=tolerance)
+    if not result.ok:
+        raise StageError(
+            f"{name} differs from torch: max abs diff {result.max_abs_diff:.3g} = "
+            f"{result.rel_diff:.3g} of the output scale {result.output_scale:.3g} (tolerance "
+            f"{tolerance:g}); top-1 agreement {result.top1_agreement:.1%} on {result.samples} "
+            f"samples",
+            hint="try onnx.exporter: torchscript (or dynamo), another opset, or slim: none")
+    return result.as_dict()
+
+
+def _outputs_of(path: Path, x: np.ndarray, *, exact: bool = True) -> tuple[np.ndarray, str]:
+    """Outputs of an artifact on x (all cores: only the values matter here) and the precision its
+    runtime computed them in."""
+    from edgemml import runtimes
+
+    runner = runtimes.open_artifact(path, threads=None, exact=exact)
+    return runtimes.predict(runner, x), runner.precision
+
+
+def _ov_parity(name: str, folder: Path, x: np.ndarray, ref: np.ndarray,
+               tolerance: float) -> dict[str, Any]:
+    from edgemml.metrics import check_parity
+
+    out, precision = _outputs_of(folder, x)
+    checks = _check(f"{name} (OpenVINO, {precision})", ref, out, tolerance)
+    checks["inference_precision"] = precision
+    out, default_precision = _outputs_of(folder, x, exact=False)
+    info = check_parity(ref, out, tolerance=tolerance).as_dict()
+    checks["default_hint"] = {"inference_precision": default_precision,
+                              "rel_diff": info["rel_diff"], "max_abs_diff": info["max_abs_diff"],
+                              "top1_agreement": info["top1_agreement"]}
+    return checks
+
+
+def _convert(ctx: StageContext, config: ExportConfig, model: Any, x: np.ndarray,
+             ref: np.ndarray) -> tuple[dict[str, dict[str, Any]], Any]:
+    """fp32 ONNX (and fp16 ONNX, OpenVINO IR), each checked against torch on x."""
+    import torch
+
+    from edgemml.exporters.onnx import (check_onnx, convert_fp16, export_onnx, io_signature,
+                                        slim_onnx)
+    from edgemml.exporters.openvino import IR_XML, convert_to_ir, ir_signature
+
+    arts: dict[str, dict[str, Any]] = {}
+    fp32 = ctx.work_dir / FP32_ONNX
+    exp = export_onnx(model, torch.from_numpy(x[:2]), fp32, opset=config.onnx.opset,
+                      exporter=config.onnx.exporter, input_name=config.onnx.input_name,
+                      output_name=config.onnx.output_name, dynamic_batch=config.onnx.dynamic_batch,
+                      log=ctx.log)
+    exp.slimmed_with = slim_onnx(fp32, config.slim)
+    check_onnx(fp32)
+    parity = _check(FP32_ONNX, ref, _outputs_of(fp32, x)[0], config.tolerance)
+    ctx.log(f"onnx-fp32: opset {exp.opset} via {exp.exporter}"
+            f"{', slimmed with ' + exp.slimmed_with if exp.slimmed_with else ''}; max abs diff vs "
+            f"torch {parity['max_abs_diff']:.3g} ({parity['rel_diff']:.2g} of scale) on "
+            f"{parity['samples']} samples")
+    arts["onnx-fp32"] = {"file": FP32_ONNX, "files": [FP32_ONNX], "format": "onnx",
+                         "precision": "fp32", "runtime": "onnxruntime", "export": exp.as_dict(),
+                         "checks": {"parity_vs_torch": parity}, **io_signature(fp32),
+                         "_path": fp32}
+    if config.fp16:
+        fp16 = ctx.work_dir / FP16_ONNX
+        convert_fp16(fp32, fp16)
+        check_onnx(fp16)
+        p16 = _check(FP16_ONNX, ref, _outputs_of(fp16, x)[0], config.fp16_tolerance)
+        arts["onnx-fp16"] = {"file": FP16_ONNX, "files": [FP16_ONNX], "format": "onnx",
+                             "precision": "fp16", "runtime": "onnxruntime",
+                             "checks": {"parity_vs_torch": p16}, **io_signature(fp16),
+                             "_path": fp16}
+    if config.openvino.enabled:
+        w = config.openvino.weights
+        key = f"openvino-{w}"
+        folder = ctx.work_dir / key
+        ir = convert_to_ir(fp32 if config.openvino.source == "onnx" else model, folder,
+                           example=torch.from_numpy(x[:2]), weights=w,
+                           input_name=config.onnx.input_name, output_name=config.onnx.output_name,
+                           dynamic_batch=config.onnx.dynamic_batch)
+        checks = _ov_parity(key, folder, x, ref,
+                            config.tolerance if w == "fp32" else config.fp16_tolerance)
+        ctx.log(f"{key}: from {ir.source}, runs in {checks['inference_precision']}: max abs diff vs "
+                f"torch {checks['max_abs_diff']:.3g}; with OpenVINO's default precision "
+                f"({checks['default_hint']['inference_precision']}) it would be "
+                f"{checks['default_hint']['max_abs_diff']:.3g}")
+        arts[key] = {"file": f"{key}/{IR_XML}", "files": [f"{key}/{IR_XML}", f"{key}/model.bin"],
+                     "format": "openvino", "precision": w, "runtime": "openvino",
+                     "inference_precision": checks["inference_precision"], "export": ir.as_dict(),
+                     "checks": {"parity_vs_torch": checks}, **ir_signature(folder),
+                     "_path": folder}
+    return arts, exp
+
+
+def _quantize_stage(ctx: StageContext, config: ExportConfig) -> StageOutputs | None:
+    if config.quantized == "none":
+        return None
+    if config.quantized != "auto":
+        found = ctx.input(config.quantized)
+        if found.type != "quantize":
+            raise ArtifactError(f"quantized: {config.quantized} is a {found.type} stage, not a "
+                                f"quantize stage", key="quantized")
+        return found
+    earlier = [o for o in ctx.inputs.values() if o.type == "quantize"]
+    # ctx.inputs holds every earlier stage (reads_all_earlier) in pipeline order
+    return earlier[-1] if earlier else None
+
+
+def _int8_artifacts(ctx: StageContext, config: ExportConfig, x: np.ndarray,
+                    ref: np.ndarray) -> dict[str, dict[str, Any]]:
+    """The int8 models of the quantize stage, with their agreement with torch on x."""
+    from edgemml.exporters.onnx import io_signature
+    from edgemml.exporters.openvino import IR_XML, ir_signature
+    from edgemml.metrics import check_parity
+
+    quant = _quantize_stage(ctx, config)
+    if quant is None:
+        return {}
+    qreport = json.loads(quant["report"].read_text()) if quant.get("report") else {}
+    arts: dict[str, dict[str, Any]] = {}
+    for key, backend in (("onnx-int8", "onnxruntime"), ("openvino-int8", "openvino")):
+        path = quant.get(key)
+        if path is None:
+            continue
+        res = qreport.get(backend, {})
+        checks: dict[str, Any] = {"quantize_report": {
+            k: res.get(k) for k in ("top1_pct", "accuracy_drop_pp", "top1_agreement_with_fp32",
+                                    "float_layers")}}
+        out, precision = _outputs_of(path, x)
+        if key == "onnx-int8":
+            entry = {"file": "model.int8.onnx", "files": ["model.int8.onnx"], "format": "onnx",
+                     "runtime": "onnxruntime", **io_signature(path)}
+        else:
+            entry = {"file": f"{key}/{IR_XML}", "files": [f"{key}/{IR_XML}", f"{key}/model.bin"],
+                     "format": "openvino", "runtime": "openvino", "inference_precision": precision,
+                     **ir_signature(path)}
+        agree = check_parity(ref, out, tolerance=1.0)
+        checks["vs_torch"] = {"top1_agreement": agree.top1_agreement, "rel_diff": agree.rel_diff,
+                              "samples": agree.samples}
+        arts[key] = {**entry, "precision": "int8", "source_stage": quant.name, "checks": checks,
+                     "_path": path}
+    return arts
+
+
+def _assemble_bundle(ctx: StageContext, config: ExportConfig, arts: dict[str, dict[str, Any]],
+                     pre_spec: dict[str, Any], classes: list[str],
+                     samples_from: Any) -> tuple[Path, list[dict[str, Any]], str, int]:
+    """bundle/: the chosen models, predict.py, preprocessing, labels, samples, manifest."""
+    from edgemml.exporters.bundle import copy_support_files, write_manifest
+
+    bundle = ctx.work_dir / BUNDLE
+    include = config.bundle.include or [k for k in DEFAULT_INCLUDE if k in arts]
+    missing = [k for k in include if k not in arts]
+    if missing:
+        raise StageError(f"bundle.include lists {', '.join(missing)}, which this pipeline does not "
+                         f"produce (available: {', '.join(arts)})", key="bundle.include")
+    default = config.bundle.default_model
+    if default == "auto":
+        default = "onnx-int8" if "onnx-int8" in include else include[0]
+    if default not in include:
+        raise StageError(f"bundle.default_model {default} is not in the bundle", key="bundle")
+    copy_support_files(bundle, pre_spec, classes)
+    models = []
+    for key in include:
+        art = arts[key]
+        src, dst = art["_path"], bundle / art["file"].split("/")[0]
+        (shutil.copytree if Path(src).is_dir() else shutil.copyfile)(src, dst)
+        models.append({"key": key, **{k: v for k, v in art.items() if k != "_path"},
+                       "source_stage": art.get("source_stage", ctx.name), "metrics": {}})
+    samples = _write_samples(bundle, samples_from, config.bundle.samples, classes, models)
+    write_manifest(bundle, {"pipeline": ctx.pipeline.config.name, "stage": ctx.name,
+                            "versions": _versions(), "preprocess": "preprocess.json",
+                            "labels": "labels.txt", "classes": classes,
+                            "default_model": arts[default]["file"], "models": models,
+                            "samples": samples, "validation": None})
+    return bundle, models, arts[default]["file"], len(samples)
+
+
+def _versions() -> dict[str, str | None]:
+    from edgemml.machine import versions
+
+    return versions(("edgemml", "torch", "onnx", "onnxruntime", "openvino", "nncf", "numpy",
+                     "pillow"))
+
+
+def _write_samples(bundle: Path, dataset: Any, n: int, classes: list[str],
+                   models: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Held-out images as PNG files plus the label each bundled model gives them in the pipeline.
+
+    The pipeline's prediction is computed from the dataset item (the same preprocessing code on the
+    in-memory image), not from the PNG, so predict.py reading the PNG must reproduce it exactly.
+    """
+    from edgemml.data.datasets import as_arrays, evenly_spaced
+
+    if n == 0 or len(dataset) == 0:
+        return []
+    idx = evenly_spaced(len(dataset), n)
+    x, y = as_arrays(dataset, idx)
+    folder = bundle / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for j, i in enumerate(idx.tolist()):
+        label = classes[int(y[j])] if 0 <= int(y[j]) < len(classes) else ""
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label) or "unlabelled"
+        name = f"samples/{j:03d}_{safe}.png"
+        dataset.raw_image(i).save(bundle / name, format="PNG")
+        samples.append({"file": name, "label": label or None, "predictions": {}})
+    for m in models:
+        logits, _ = _outputs_of(bundle / m["file"], x)
+        for s, k in zip(samples, logits.argmax(1).tolist()):
+            s["predictions"][m["file"]] = classes[k]
+    return samples
 
 
 STAGE = ExportStage

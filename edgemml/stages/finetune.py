@@ -133,8 +133,6 @@ class Finetune(Stage[FinetuneConfig]):
     Config = FinetuneConfig
     version = 1
     requires = ("torch", "torchvision")
-    code = ("edgemml.models", "edgemml.data", "edgemml.stages.common", "edgemml.training",
-            "edgemml.training_config", "edgemml.distributed")
     provides = ("model", "history", "curves", "report", "samples")
     #: every torchrun process runs this stage (DDP); the runner runs other stages on rank 0 alone
     distributed: ClassVar[bool] = True
@@ -288,7 +286,6 @@ class Finetune(Stage[FinetuneConfig]):
         return student, spec, teacher, teacher_spec, {}
 
     def run(self, ctx: StageContext, config: FinetuneConfig) -> dict[str, Path]:
-        from edgemml.data import save_sample_grid
         from edgemml.training import (
             ChannelAdapter,
             TrainingInterrupted,
@@ -317,7 +314,7 @@ class Finetune(Stage[FinetuneConfig]):
             teacher_info = {
                 "source": config.teacher.stage or config.teacher.checkpoint,
                 "arch": teacher_spec.arch or teacher_spec.python, "params": _n_params(teacher),
-                "val_accuracy": evaluate(adapted, splits.val, device=device)["accuracy"],
+                "val_top1_pct": evaluate(adapted, splits.val, device=device)["top1_pct"],
                 "temperature": config.teacher.temperature, "alpha": config.teacher.alpha}
         ctx.log(f"training {_n_params(student):,} parameters on {device}"
                 f"{f' x {ctx.world_size} processes' if ctx.world_size > 1 else ''}: "
@@ -338,13 +335,24 @@ class Finetune(Stage[FinetuneConfig]):
         if not ctx.is_main_process:
             return {}  # rank 0 writes every artifact
 
+        return self._finish(ctx, config, result, spec, preprocess, splits, init, teacher_info,
+                            train_cfg, ckpt_dir, t0)
+
+    def _finish(self, ctx: StageContext, config: FinetuneConfig, result: TrainResult,
+                spec: ModelSpec, preprocess: PreprocessConfig, splits: DataSplits, init: Any,
+                teacher_info: dict[str, Any] | None, train_cfg: Any, ckpt_dir: Path | None,
+                t0: float) -> dict[str, Path]:
+        """Measure the trained model and write its outputs: model, history, curves, report."""
+        from edgemml.data import save_sample_grid
+        from edgemml.training import evaluate
+
         model = result.model
-        val = evaluate(model, splits.val, device=device, classes=splits.classes)
-        test = evaluate(model, splits.test, device=device, classes=splits.classes)
+        val = evaluate(model, splits.val, device=result.device, classes=splits.classes)
+        test = evaluate(model, splits.test, device=result.device, classes=splits.classes)
         spec = spec.model_copy(update={"extra": {
             **spec.extra, "preprocess": preprocess.model_dump(mode="json"), "stage": ctx.name,
-            "best_epoch": result.best_epoch, "val_accuracy": val["accuracy"],
-            "test_accuracy": test["accuracy"]}})
+            "best_epoch": result.best_epoch, "val_top1_pct": val["top1_pct"],
+            "test_top1_pct": test["top1_pct"]}})
         model_dir = common.save_model_output(ctx, model.cpu(), spec)
         history = common.write_json(ctx, "history.json", _history_doc(result))
         curves = ctx.path("curves.png")
@@ -377,14 +385,14 @@ class Finetune(Stage[FinetuneConfig]):
         samples = save_sample_grid(splits.train, path=ctx.path("samples.png"), per_class=8)
         if ckpt_dir is not None:
             shutil.rmtree(ckpt_dir)  # the epoch checkpoint is for resuming, not an output
-        shown = {k: v for k, v in (("val", val["accuracy"]), ("test", test["accuracy"]))
+        shown = {k: v for k, v in (("val", val["top1_pct"]), ("test", test["top1_pct"]))
                  if v is not None}
-        ctx.record(val_accuracy=val["accuracy"], test_accuracy=test["accuracy"],
+        ctx.record(val_top1_pct=val["top1_pct"], test_top1_pct=test["top1_pct"],
                    best_epoch=result.best_epoch, epochs_run=len(result.history),
                    stopped_early=result.stopped_early, resumed_from_epoch=result.resumed_from,
-                   processes=result.world_size,
-                   highlights=[f"best epoch {result.best_epoch} of {len(result.history)}: "
-                               + ", ".join(f"{k} accuracy {v:.2%}" for k, v in shown.items())])
+                   processes=result.world_size)
+        ctx.highlight(f"best epoch {result.best_epoch} of {len(result.history)}: "
+                      + ", ".join(f"{k} accuracy {v:.2f}%" for k, v in shown.items()))
         return {"model": model_dir, "history": history, "curves": curves, "report": report_path,
                 "samples": samples}
 
@@ -419,7 +427,7 @@ def draw_curves(history: list[dict[str, Any]], path: Path, *, best_epoch: int | 
     fig = Figure(figsize=(9, 3.6), dpi=100)
     epochs = [r["epoch"] for r in history]
     for ax, key, label in ((fig.add_subplot(1, 2, 1), "loss", "loss"),
-                           (fig.add_subplot(1, 2, 2), "accuracy", "accuracy")):
+                           (fig.add_subplot(1, 2, 2), "top1_pct", "top-1 accuracy (%)")):
         ax.plot(epochs, [r[f"train_{key}"] for r in history], "o-", label="train")
         if any(f"val_{key}" in r for r in history):
             ax.plot(epochs, [r.get(f"val_{key}") for r in history], "s-", label="val")

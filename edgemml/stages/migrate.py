@@ -191,8 +191,6 @@ class Migrate(Stage[MigrateConfig]):
     Config = MigrateConfig
     provides = ("model", "report", "table")
     requires = ("torch", "torchvision")
-    code = ("edgemml.models", "edgemml.data", "edgemml.stages.common", "edgemml.training",
-            "edgemml.training_config")
 
     @classmethod
     def needs_input(cls, config: MigrateConfig) -> bool:
@@ -370,7 +368,10 @@ class Migrate(Stage[MigrateConfig]):
             migration={k: summary[k] for k in ("coverage", "coverage_required", "rules", "stem",
                                                "head", "sources")})
         folder = save_model_output(ctx, model, spec)
-        ctx.record(**_metrics(summary))
+        metrics, lines = _metrics(summary)
+        ctx.record(**metrics)
+        for line in lines:
+            ctx.highlight(line)
         return {"model": folder, "report": report_path, "table": table_path}
 
     # --------------------------------------------------------------------------------------------
@@ -534,9 +535,9 @@ class Migrate(Stage[MigrateConfig]):
             "bn": {k: v for k, v in bn.items() if not k.startswith("zero_shot")},
             "zero_shot": None if zero is None else {
                 "split": bn["zero_shot_split"], "n": zero["n"],
-                "accuracy": zero["accuracy"],
-                "accuracy_before_bn": bn["zero_shot_before_bn"]["accuracy"],
-                "accuracy_after_bn": (bn.get("zero_shot_after_bn") or {}).get("accuracy")},
+                "top1_pct": zero["top1_pct"],
+                "top1_pct_before_bn": bn["zero_shot_before_bn"]["top1_pct"],
+                "top1_pct_after_bn": (bn.get("zero_shot_after_bn") or {}).get("top1_pct")},
         }
 
     @classmethod
@@ -589,7 +590,7 @@ def _is_safetensors(path: Path) -> bool:
         path.stat().st_size - 8)
 
 
-def _metrics(summary: dict[str, Any]) -> dict[str, Any]:
+def _metrics(summary: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     zero = summary["zero_shot"]
     out: dict[str, Any] = {
         "coverage": round(summary["coverage"], 6),
@@ -605,16 +606,15 @@ def _metrics(summary: dict[str, Any]) -> dict[str, Any]:
     lines.append(f"head {summary['head']['module']}: {summary['head']['rows_from_source']}/"
                  f"{summary['head']['rows']} rows from a source")
     if zero is not None:
-        out["zero_shot_accuracy"] = zero["accuracy"]
+        out["zero_shot_top1_pct"] = zero["top1_pct"]
         out["zero_shot_split"] = zero["split"]
-        out["zero_shot_accuracy_before_bn"] = zero["accuracy_before_bn"]
-        text = f"zero-shot {zero['split']} accuracy {zero['accuracy']:.3f} (n={zero['n']})"
-        if zero["accuracy_after_bn"] is not None:
-            text += f"; {zero['accuracy_before_bn']:.3f} before BatchNorm re-estimation"
+        out["zero_shot_top1_pct_before_bn"] = zero["top1_pct_before_bn"]
+        text = f"zero-shot {zero['split']} accuracy {zero['top1_pct']:.1f}% (n={zero['n']})"
+        if zero["top1_pct_after_bn"] is not None:
+            text += f"; {zero['top1_pct_before_bn']:.1f}% before BatchNorm re-estimation"
         lines.append(text)
     _grow.metrics(summary, out, lines)
-    out["highlights"] = lines
-    return out
+    return out, lines
 
 
 def _markdown(name: str, summary: dict[str, Any], tensors: list[dict[str, Any]],
@@ -632,14 +632,15 @@ def _markdown(name: str, summary: dict[str, Any], tensors: list[dict[str, Any]],
             f"- head `{summary['head']['module']}`: {summary['head']['rows_from_source']}/"
             f"{summary['head']['rows']} rows from a source ({summary['head']['how']})"]
     bn = summary["bn"]
-    out.append(f"- BatchNorm re-estimation: " + (
+    out.append("- BatchNorm re-estimation: " + (
         f"ran on {bn.get('samples')} target samples ({'; '.join(bn['reasons']) or 'asked for'})"
         if bn["ran"] else f"not run (recalibrate_bn: {bn['setting']})"))
     zero = summary["zero_shot"]
     if zero is not None:
-        text = f"- zero-shot accuracy on {zero['split']} (n={zero['n']}): {zero['accuracy']:.4f}"
-        if zero["accuracy_after_bn"] is not None:
-            text += f" (before BatchNorm re-estimation: {zero['accuracy_before_bn']:.4f})"
+        text = (f"- zero-shot top-1 on {zero['split']} (n={zero['n']}): "
+                f"{zero['top1_pct']:.2f}%")
+        if zero["top1_pct_after_bn"] is not None:
+            text += f" (before BatchNorm re-estimation: {zero['top1_pct_before_bn']:.2f}%)"
         out.append(text)
     growth = _grow.markdown(summary)
     if growth:

@@ -8,20 +8,36 @@ misses the budget gets its most sensitive layers kept in float, the fewest that 
 allowed number does, the stage fails with the figures.
 
 Outputs: onnx-int8 (model.int8.onnx), openvino-int8 (folder with model.xml/.bin), report
-(quantize.json).
+(quantize.json). The libraries do the work (edgemml.quantization.ort / .ov, through the runtime
+layer); this module decides what to do and reports it. torch, onnxruntime and openvino are imported
+inside `run`, not when a pipeline file is validated.
 """
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
 from edgemml.config import DataConfig, LoadedPipeline, PreprocessConfig, StageConfig, StrictModel
+from edgemml.errors import InputError, StageError
 from edgemml.exporters.options import OnnxOptions
 from edgemml.stages.base import Stage, StageContext
-from edgemml.stages.common import stage_data_files
+from edgemml.stages.common import (check_channels, load_input_model, load_stage_data,
+                                   model_preprocess, stage_data_files, write_json)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgemml.quantization.budget import Searched
+
+ONNX_INT8 = "model.int8.onnx"
+OV_INT8_DIR = "openvino-int8"
+REPORT = "quantize.json"
+PARITY_TOLERANCE = 1e-4
 
 
 class CalibrationOptions(StrictModel):
@@ -98,19 +114,241 @@ class QuantizeStage(Stage[QuantizeConfig]):
     Config = QuantizeConfig
     provides = ("onnx-int8", "openvino-int8", "report")
     requires = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "onnxscript")
-    code = ("edgemml.models", "edgemml.data", "edgemml.stages.common", "edgemml.exporters",
-            "edgemml.quantization", "edgemml.training")
 
     @classmethod
     def data_files(cls, config: QuantizeConfig, pipeline: LoadedPipeline) -> list[Path]:
         return stage_data_files(config, pipeline)
 
     def run(self, ctx: StageContext, config: QuantizeConfig) -> dict[str, Path]:
-        # The work itself lives in edgemml.quantization.run (torch, onnxruntime, openvino are
-        # imported there, not when the pipeline file is validated).
-        from edgemml.quantization.run import quantize_stage
+        import numpy as np
 
-        return quantize_stage(ctx, config)
+        from edgemml import runtimes
+        from edgemml.data.datasets import as_arrays, evenly_spaced
+        from edgemml.metrics import accuracy, check_parity
+
+        model, spec = load_input_model(ctx)
+        pre, pre_from = model_preprocess(spec.extra.get("preprocess"), config, ctx.pipeline)
+        check_channels(pre, spec.in_chans)
+        data = load_stage_data(ctx, config, preprocess=pre)
+        split = config.calibration.split
+        calib_set = data.calibration if split == "calibration" else data.split(split)
+        if len(calib_set) == 0:
+            raise InputError(f"the {split} split used for calibration is empty",
+                             key="calibration.split")
+        calib, _ = as_arrays(calib_set, evenly_spaced(len(calib_set), config.calibration.samples))
+        val_x, val_y = as_arrays(data.val)
+        if len(val_x) == 0:
+            if config.max_accuracy_drop is not None:
+                raise InputError("max_accuracy_drop needs a validation split, and it is empty",
+                                 key="data.split.val", hint="give data.split.val a fraction > 0")
+            ctx.warn("the validation split is empty: int8 accuracy is not measured")
+            val_x = calib[: min(64, len(calib))]
+            val_y = np.full(len(val_x), -1, dtype=np.int64)
+        ref = runtimes.backend("torch").logits(model, val_x)
+        fp32_pct = accuracy(ref, val_y).top1_pct
+        tmp = ctx.work_dir / "tmp-fp32"
+        tmp.mkdir(exist_ok=True)
+        fp32, exp = self._export_fp32(ctx, config, model, calib, tmp)
+        onnx_rt = runtimes.backend("onnxruntime")
+        parity = check_parity(ref, runtimes.predict(onnx_rt.open(fp32, threads=None), val_x),
+                              tolerance=PARITY_TOLERANCE)
+        if not parity.ok:
+            raise StageError(f"the fp32 ONNX export differs from torch before quantization: max "
+                             f"abs diff {parity.max_abs_diff:.3g} ({parity.rel_diff:.3g} of the "
+                             f"output scale > {PARITY_TOLERANCE:g})", key="onnx.exporter",
+                             hint="try onnx.exporter: torchscript")
+        calibration = {"split": split if split != "calibration" or data.calibration_set is not None
+                       else "calibration (train split: no data.calibration)",
+                       "samples": int(len(calib)), "method": config.calibration.method,
+                       "percentile": config.calibration.percentile
+                       if config.calibration.method == "percentile" else None}
+        report: dict[str, Any] = {
+            "input_stage": ctx.input_name, "preprocess": pre.model_dump(mode="json"),
+            "preprocess_from": pre_from, "classes": spec.class_names or data.classes,
+            "calibration": calibration, "val_samples": int(len(val_x)),
+            "fp32": {"top1_pct": fp32_pct, "onnx_export": exp.as_dict(),
+                     "onnx_parity": parity.as_dict()},
+            "max_accuracy_drop_pp": config.max_accuracy_drop}
+        args = _Args(fp32, calib, val_x, val_y, ref, fp32_pct)
+        outputs: dict[str, Path] = {}
+        if "onnxruntime" in config.backends:
+            outputs["onnx-int8"] = _quantize_ort(ctx, config, args, report)
+        if "openvino" in config.backends:
+            outputs["openvino-int8"] = _quantize_ov(ctx, config, args, report)
+        shutil.rmtree(tmp)
+        outputs["report"] = write_json(ctx, REPORT, report)
+        _record(ctx, report, fp32_pct)
+        return outputs
+
+    @staticmethod
+    def _export_fp32(ctx: StageContext, config: QuantizeConfig, model: Any, calib: np.ndarray,
+                     tmp: Path) -> tuple[Path, Any]:
+        import torch
+
+        from edgemml.exporters.onnx import check_onnx, export_onnx
+
+        fp32 = tmp / "model.fp32.onnx"
+        exp = export_onnx(model, torch.from_numpy(calib[:2]), fp32, opset=config.onnx.opset,
+                          exporter=config.onnx.exporter, input_name=config.onnx.input_name,
+                          output_name=config.onnx.output_name,
+                          dynamic_batch=config.onnx.dynamic_batch, log=ctx.log)
+        check_onnx(fp32)
+        return fp32, exp
+
+
+class _Args:
+    """What both backends quantize and measure against."""
+
+    def __init__(self, fp32: Path, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+                 ref: np.ndarray, fp32_pct: float | None) -> None:
+        self.fp32, self.calib, self.val_x, self.val_y = fp32, calib, val_x, val_y
+        self.ref, self.fp32_pct = ref, fp32_pct
+
+
+def _pct(a: float | None) -> str:
+    return "n/a" if a is None else f"{a:.2f}%"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MB"
+
+
+def _dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _ort_recipe(config: QuantizeConfig) -> dict[str, Any]:
+    from edgemml.quantization.cpu import RECIPES, detect_target
+
+    if config.target == "auto":
+        target, evidence = detect_target()
+        why = f"target auto-detected as {target} ({evidence})"
+    else:
+        target, why = config.target, f"target {config.target} set in the pipeline"
+    recipe = RECIPES[target]
+    opts = config.onnxruntime
+    return {
+        "target": target,
+        "activation_type": recipe.activation_type if opts.activation_type == "auto"
+        else opts.activation_type,
+        "weight_type": recipe.weight_type if opts.weight_type == "auto" else opts.weight_type,
+        "reduce_range": recipe.reduce_range if opts.reduce_range == "auto" else opts.reduce_range,
+        "per_channel": opts.per_channel,
+        "why": f"{why}; {recipe.why}",
+        "overridden": [k for k in ("activation_type", "weight_type", "reduce_range")
+                       if getattr(opts, k) != "auto"],
+    }
+
+
+def _check_budget(ctx: StageContext, config: QuantizeConfig, report: dict[str, Any],
+                  backend: str, res: Searched) -> None:
+    """Raise (after writing the report) when the budget search did not meet the budget."""
+    if res.met:
+        return
+    write_json(ctx, REPORT, report)
+    kept, cap = res.float_layers, config.max_float_layers
+    raise StageError(
+        f"{backend} int8 misses the accuracy budget: {_pct(res.final.top1_pct)} vs fp32 "
+        f"{_pct(report['fp32']['top1_pct'])} on {report['val_samples']} val samples (drop "
+        f"{res.final.drop_pp:.2f} pp > max_accuracy_drop {config.max_accuracy_drop:g} pp) with "
+        f"{len(kept)} layer(s) kept in float"
+        + (f" (max_float_layers={cap})" if cap is not None else "")
+        + (f": {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}" if kept else ""),
+        key="max_accuracy_drop",
+        hint=f"raise max_accuracy_drop or max_float_layers, calibrate with more or better data "
+             f"(calibration.samples/method), or fine-tune the model; figures in "
+             f"{ctx.work_dir / REPORT}")
+
+
+def _quantize_ort(ctx: StageContext, config: QuantizeConfig, a: _Args,
+                  report: dict[str, Any]) -> Path:
+    from edgemml.quantization.ort import (OrtQuantizer, OrtSettings, initializer_bytes,
+                                          preprocess_for_quantization, quantize_within_budget)
+
+    recipe = _ort_recipe(config)
+    ctx.log(f"onnxruntime: {recipe['activation_type']} activations x {recipe['weight_type']} "
+            f"weights{' per channel' if recipe['per_channel'] else ''}"
+            f"{', reduce_range' if recipe['reduce_range'] else ''} ({recipe['why']})")
+    tmp = ctx.work_dir / "tmp"
+    tmp.mkdir(exist_ok=True)
+    prepped = tmp / "fp32.prepped.onnx"
+    t0 = time.perf_counter()
+    preprocess_for_quantization(a.fp32, prepped)
+    settings = OrtSettings(method=config.calibration.method,
+                           percentile=config.calibration.percentile,
+                           per_channel=recipe["per_channel"],
+                           activation_type=recipe["activation_type"],
+                           weight_type=recipe["weight_type"], reduce_range=recipe["reduce_range"])
+    out = ctx.work_dir / ONNX_INT8
+    res = quantize_within_budget(
+        OrtQuantizer(prepped, a.calib, settings, tmp), out, tmp, val_x=a.val_x, val_y=a.val_y,
+        ref=a.ref, fp32_pct=a.fp32_pct, budget_pp=config.max_accuracy_drop,
+        max_float_layers=config.max_float_layers,
+        sensitivity_samples=config.sensitivity_samples, log=ctx.log, progress=ctx.progress)
+    entry = report["onnxruntime"] = {**res.as_dict(), "recipe": recipe}
+    _check_budget(ctx, config, report, "onnxruntime", res)
+    fp32_bytes, int8_bytes = a.fp32.stat().st_size, out.stat().st_size
+    entry.update(seconds=round(time.perf_counter() - t0, 2), file=ONNX_INT8,
+                 calibration_method=config.calibration.method,
+                 size={"fp32_bytes": fp32_bytes, "int8_bytes": int8_bytes,
+                       "ratio": round(fp32_bytes / int8_bytes, 3),
+                       "weights_fp32_bytes": initializer_bytes(a.fp32),
+                       "weights_int8_bytes": initializer_bytes(out)})
+    shutil.rmtree(tmp)
+    return out
+
+
+def _quantize_ov(ctx: StageContext, config: QuantizeConfig, a: _Args,
+                 report: dict[str, Any]) -> Path:
+    import openvino as ov
+
+    from edgemml.quantization.ov import OvSettings, quantize_ir
+
+    settings = OvSettings(preset=config.openvino.preset,
+                          fast_bias_correction=config.openvino.fast_bias_correction,
+                          model_type=config.openvino.model_type, subset_size=len(a.calib))
+    t0 = time.perf_counter()
+    fp32_dir = ctx.work_dir / "tmp-ov-fp32"
+    ov.save_model(ov.convert_model(str(a.fp32)), str(fp32_dir / "model.xml"),
+                  compress_to_fp16=False)
+    fp32_ir_bytes = _dir_bytes(fp32_dir)
+    shutil.rmtree(fp32_dir)
+    out_dir = ctx.work_dir / OV_INT8_DIR
+    res, precision = quantize_ir(a.fp32, out_dir, a.calib, settings, val_x=a.val_x,
+                                 val_y=a.val_y, ref=a.ref, fp32_pct=a.fp32_pct,
+                                 budget_pp=config.max_accuracy_drop,
+                                 max_float_layers=config.max_float_layers, log=ctx.log)
+    int8_bytes = _dir_bytes(out_dir)
+    report["openvino"] = {
+        **res.as_dict(), "inference_precision": precision,
+        "settings": {"preset": settings.preset, "subset_size": settings.subset_size,
+                     "fast_bias_correction": settings.fast_bias_correction,
+                     "model_type": settings.model_type, "target_device": "CPU"},
+        "folder": OV_INT8_DIR, "seconds": round(time.perf_counter() - t0, 2),
+        "size": {"fp32_bytes": fp32_ir_bytes, "int8_bytes": int8_bytes,
+                 "ratio": round(fp32_ir_bytes / int8_bytes, 3)}}
+    _check_budget(ctx, config, report, "openvino", res)
+    return out_dir
+
+
+def _record(ctx: StageContext, report: dict[str, Any], fp32_pct: float | None) -> None:
+    metrics: dict[str, Any] = {"fp32_top1_pct": fp32_pct}
+    for backend, key in (("onnxruntime", "onnx"), ("openvino", "openvino")):
+        res = report.get(backend)
+        if res is None:
+            continue
+        metrics[f"{key}_int8_top1_pct"] = res["top1_pct"]
+        metrics[f"{key}_int8_accuracy_drop_pp"] = res["accuracy_drop_pp"]
+        metrics[f"{key}_float_layers"] = len(res["float_layers"])
+        metrics[f"{key}_size_ratio"] = res["size"]["ratio"]
+        extra = (f", {len(res['float_layers'])} layer(s) kept in float" if res["float_layers"]
+                 else "")
+        runs_in = (f" (runs in {res['inference_precision']} outside int8 ops)"
+                   if backend == "openvino" else f" ({res['recipe']['activation_type']} activations)")
+        ctx.highlight(f"{backend} int8{runs_in}: val top-1 {_pct(res['top1_pct'])} vs fp32 "
+                      f"{_pct(fp32_pct)}, {_mb(res['size']['fp32_bytes'])} -> "
+                      f"{_mb(res['size']['int8_bytes'])}{extra}")
+    ctx.record(**metrics)
 
 
 STAGE = QuantizeStage

@@ -13,8 +13,9 @@ Why a stage of its own rather than options of `migrate` or `prune`:
   measures both int8 artifacts on the test split (pipelines/rewrite.yaml).
 
 The surgery itself is edgemml.models.rewrite; recovery is the shared trainer (edgemml.training),
-distilling from the unrewritten model. Accuracies in rewrite.json are on the val split: before,
-right after the surgery, after BatchNorm re-estimation, and after recovery.
+distilling from the unrewritten model. Top-1 figures in rewrite.json (`top1_pct`, percent, from
+edgemml.metrics through the trainer's evaluate) are on the val split: before, right after the
+surgery, after BatchNorm re-estimation, and after recovery.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pydantic import Field, field_validator, model_validator
 from edgemml.activation_names import check_name
 from edgemml.config import DataConfig, PreprocessConfig, StageConfig
 from edgemml.errors import StageError
+from edgemml.metrics import drop_pp
 from edgemml.stages import common
 from edgemml.stages.base import Stage, StageContext
 from edgemml.training_config import TrainConfig
@@ -101,8 +103,6 @@ class RewriteStage(Stage[RewriteConfig]):
     type = "rewrite"
     Config = RewriteConfig
     requires = ("torch", "torchvision")
-    code = ("edgemml.models", "edgemml.data", "edgemml.stages.common", "edgemml.training",
-            "edgemml.training_config", "edgemml.activation_names")
     provides = ("model", "report", "table")
 
     @classmethod
@@ -111,7 +111,13 @@ class RewriteStage(Stage[RewriteConfig]):
 
     def run(self, ctx: StageContext, config: RewriteConfig) -> dict[str, Path]:
         from edgemml.models.rewrite import rewrite_model
-        from edgemml.training import evaluate, make_loader, recalibrate_bn, seed_everything, train
+        from edgemml.training import (
+            evaluate,
+            make_loader,
+            recalibrate_bn,
+            seed_everything,
+            train,
+        )
 
         seed_everything(ctx.seed)
         model, spec = common.load_input_model(ctx)
@@ -126,7 +132,7 @@ class RewriteStage(Stage[RewriteConfig]):
         example = batches[0][:16]
 
         def acc(m: nn.Module) -> float | None:
-            return evaluate(m, splits.val, batch_size=256)["accuracy"] if len(splits.val) else None
+            return evaluate(m, splits.val, batch_size=256)["top1_pct"] if len(splits.val) else None
 
         if len(splits.val) == 0:
             ctx.warn("the val split is empty: accuracies are not reported")
@@ -158,10 +164,10 @@ class RewriteStage(Stage[RewriteConfig]):
             recovery = {"epochs": len(res.history), "steps": res.steps,
                         "best_epoch": res.best_epoch, "seconds": res.seconds,
                         "distilled": teacher is not None, "history": res.history}
-        accuracy = {"split": "val", "n": len(splits.val), "before": acc_before,
-                    "right_after": acc_raw, "after_bn_reestimation": acc_bn,
-                    "recovered": acc(model) if recovery is not None else None}
-        report = _report(ctx, config, result, accuracy, (original, model), bn_samples, recovery)
+        top1 = {"split": "val", "n": len(splits.val), "before": acc_before,
+                "right_after": acc_raw, "after_bn_reestimation": acc_bn,
+                "recovered": acc(model) if recovery is not None else None}
+        report = _report(ctx, config, result, top1, (original, model), bn_samples, recovery)
         return _write_outputs(ctx, model, spec, report, example, list(splits.classes))
 
 
@@ -232,7 +238,7 @@ def _check_matched(ctx: StageContext, config: RewriteConfig, original: nn.Module
 
 
 def _report(ctx: StageContext, config: RewriteConfig, result: RewriteResult,
-            accuracy: dict[str, Any], models: tuple[nn.Module, nn.Module], bn_samples: int,
+            top1: dict[str, Any], models: tuple[nn.Module, nn.Module], bn_samples: int,
             recovery: dict[str, Any] | None) -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -240,7 +246,8 @@ def _report(ctx: StageContext, config: RewriteConfig, result: RewriteResult,
     by_type: dict[str, int] = {}
     for r in result.replaced:
         by_type[r.old] = by_type.get(r.old, 0) + 1
-    before, after = accuracy["before"], accuracy["recovered"] or accuracy["after_bn_reestimation"]
+    before = top1["before"]
+    after = top1["recovered"] if top1["recovered"] is not None else top1["after_bn_reestimation"]
     return {
         "input_stage": ctx.input_name,
         "settings": {"activations": dict(config.activations),
@@ -255,21 +262,21 @@ def _report(ctx: StageContext, config: RewriteConfig, result: RewriteResult,
         "notes": result.notes,
         "params": {"before": params[0], "after": params[1]},
         "bn_reestimation_samples": bn_samples,
-        "accuracy": accuracy,
-        "fp32_drop_pp": None if before is None or after is None else 100 * (before - after),
+        "top1_pct": top1,
+        "fp32_drop_pp": drop_pp(before, after),
         "recovery": recovery,
     }
 
 
 def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
+    return "n/a" if v is None else f"{v:.2f}%"
 
 
 def _markdown(name: str, report: dict[str, Any]) -> str:
-    acc = report["accuracy"]
+    acc = report["top1_pct"]
     se = report["squeeze_excitation"]
     out = [f"# Rewrite: {name}", "",
-           f"Input: stage `{report['input_stage']}`. Accuracy on {acc['split']} (n={acc['n']}): "
+           f"Input: stage `{report['input_stage']}`. Top-1 on {acc['split']} (n={acc['n']}): "
            f"before {_pct(acc['before'])}, right after {_pct(acc['right_after'])}, after BatchNorm "
            f"re-estimation {_pct(acc['after_bn_reestimation'])}, recovered "
            f"{_pct(acc['recovered'])}.", "",
@@ -291,21 +298,20 @@ def _markdown(name: str, report: dict[str, Any]) -> str:
 
 
 def _record(ctx: StageContext, report: dict[str, Any]) -> None:
-    acc = report["accuracy"]
+    acc = report["top1_pct"]
     se = report["squeeze_excitation"]
     counts = ", ".join(f"{k} x{n}" for k, n in report["counts"].items()) or "no activation"
-    highlights = [f"replaced {counts}; squeeze-excitation: {len(se['removed'])} removed "
+    ctx.highlight(f"replaced {counts}; squeeze-excitation: {len(se['removed'])} removed "
                   f"({sum(1 for s in se['removed'] if s['folded_into'])} folded), "
-                  f"{len(se['kept'])} kept",
-                  f"val accuracy {_pct(acc['before'])} -> {_pct(acc['right_after'])} rewritten -> "
+                  f"{len(se['kept'])} kept")
+    ctx.highlight(f"val top-1 {_pct(acc['before'])} -> {_pct(acc['right_after'])} rewritten -> "
                   f"{_pct(acc['after_bn_reestimation'])} BN re-estimated -> "
-                  f"{_pct(acc['recovered'])} recovered"]
+                  f"{_pct(acc['recovered'])} recovered")
     ctx.record(input_stage=report["input_stage"], replaced=len(report["replaced"]),
-               se_removed=len(se["removed"]), accuracy_before=acc["before"],
-               accuracy_right_after=acc["right_after"],
-               accuracy_after_bn=acc["after_bn_reestimation"], accuracy_recovered=acc["recovered"],
-               fp32_drop_pp=report["fp32_drop_pp"], counts=report["counts"],
-               highlights=highlights)
+               se_removed=len(se["removed"]), top1_pct_before=acc["before"],
+               top1_pct_right_after=acc["right_after"],
+               top1_pct_after_bn=acc["after_bn_reestimation"], top1_pct_recovered=acc["recovered"],
+               fp32_drop_pp=report["fp32_drop_pp"], counts=report["counts"])
 
 
 STAGE = RewriteStage

@@ -21,7 +21,7 @@ from conftest import cli_env, read_calls, write
 
 HERE = Path(__file__).resolve().parent
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-TOLERANCE = 0.03
+TOLERANCE = 3.0  # points of test top-1
 
 PIPELINE = """
 name: dist
@@ -85,8 +85,8 @@ def test_two_processes_match_one_and_write_once(tmp_path):
     # The global batch is the same (32 = 2 x 16), so one epoch is the same number of steps.
     assert abs(reports[2]["steps"] / reports[2]["epochs_run"]
                - reports[1]["steps"] / reports[1]["epochs_run"]) <= 1
-    acc = {n: r["test"]["accuracy"] for n, r in reports.items()}
-    assert min(acc.values()) > 0.9, acc
+    acc = {n: r["test"]["top1_pct"] for n, r in reports.items()}
+    assert min(acc.values()) > 90, acc
     assert abs(acc[1] - acc[2]) <= TOLERANCE, acc
 
     # A second torchrun finds everything cached and runs nothing, on either rank.

@@ -43,9 +43,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_onnx_and_ir_match_torch_for_three_models(tmp_path, models):
-    from edgemml.exporters.runtime import (compare_outputs, dataset_arrays, onnx_session,
-                                           openvino_compiled, run_onnx, run_openvino)
-    from edgemml.exporters.stage_io import torch_logits
+    from edgemml import runtimes
+    from edgemml.data.datasets import as_arrays
+    from edgemml.metrics import check_parity
     from edgemml.models import load_model
 
     stages = ""
@@ -67,7 +67,7 @@ def test_onnx_and_ir_match_torch_for_three_models(tmp_path, models):
     assert proc.returncode == 0, _explain(proc)
     assert "max abs diff vs torch" in proc.stderr and "runs in f32" in proc.stderr
 
-    x, _ = dataset_arrays(digits().val, range(0, 270, 5))
+    x, _ = as_arrays(digits().val, range(0, 270, 5))
     for i, (name, exporter) in enumerate(variants.items()):
         stage = tmp_path / f"runs/x/{2 * i + 2:02d}-export-{name}"
         report = json.loads((stage / "export.json").read_text())["artifacts"]
@@ -78,17 +78,19 @@ def test_onnx_and_ir_match_torch_for_three_models(tmp_path, models):
                                                     "dtype": "float32"}
         assert report["openvino-fp32"]["inference_precision"] == "f32"
         model, _ = load_model(stage.parent / f"{2 * i + 1:02d}-{name}/model")
-        ref = torch_logits(model, x)
+        ref = runtimes.backend("torch").logits(model, x)
         assert ref.std() > 1e-3  # BN statistics were estimated: outputs are not constant
-        onnx_out = run_onnx(onnx_session(stage / "model.fp32.onnx"), x)
-        compiled, precision = openvino_compiled(stage / "openvino-fp32/model.xml", precision="f32")
-        ir_out = run_openvino(compiled, x)
+        onnx_out = runtimes.predict(
+            runtimes.open_artifact(stage / "model.fp32.onnx", threads=None), x)
+        ir_runner = runtimes.open_artifact(stage / "openvino-fp32/model.xml", threads=None,
+                                           exact=True)
+        ir_out, precision = runtimes.predict(ir_runner, x), ir_runner.precision
         for out in (onnx_out, ir_out):
-            res = compare_outputs(ref, out, tolerance=1e-4)
+            res = check_parity(ref, out, tolerance=1e-4)
             assert res.ok and res.top1_agreement == 1.0, (name, res)
         assert precision == "f32"
         # dynamic batch: batch 3 works and equals three batch-1 runs
-        sess = onnx_session(stage / "model.fp32.onnx")
+        sess = runtimes.backend("onnxruntime").session(stage / "model.fp32.onnx", threads=None)
         single = np.concatenate([sess.run(None, {"input": x[j:j + 1]})[0] for j in range(3)])
         np.testing.assert_allclose(sess.run(None, {"input": x[:3]})[0], single, atol=1e-5)
 
@@ -96,7 +98,8 @@ def test_onnx_and_ir_match_torch_for_three_models(tmp_path, models):
 def test_bundle_predict_runs_without_torch_and_matches_the_pipeline(tmp_path, models):
     import hashlib
 
-    from edgemml.exporters.runtime import dataset_arrays, evenly_spaced, onnx_session, run_onnx
+    from edgemml import runtimes
+    from edgemml.data.datasets import as_arrays, evenly_spaced
 
     write(tmp_path / "pipeline.yaml", HEAD + f"""
   - {{type: load, path: "{models['pruned']}"}}
@@ -142,8 +145,9 @@ def test_bundle_predict_runs_without_torch_and_matches_the_pipeline(tmp_path, mo
     # the pipeline's own view of the same held-out images: its dataset items, its runtime
     test = digits().test
     idx = evenly_spaced(len(test), 6)
-    x, y = dataset_arrays(test, idx.tolist())
-    pipeline_labels = run_onnx(onnx_session(stage / "model.fp32.onnx"), x).argmax(1)
+    x, y = as_arrays(test, idx)
+    pipeline_labels = runtimes.predict(
+        runtimes.open_artifact(stage / "model.fp32.onnx", threads=None), x).argmax(1)
     pred = subprocess.run([sys.executable, "-s", str(bundle / "predict.py"), str(bundle / "samples"),
                            "--model", "model.fp32.onnx", "--json", "--top", "3"],
                           env=env, capture_output=True, text=True, cwd=tmp_path)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-
 from adapt_models import random_bn
 from conftest import REPO, run_cli, write
+from torch import nn
+
 from edgemml.arch_families import family, weights_arch
 from edgemml.config import ModelConfig
 from edgemml.models import ModelSpec, build_model, load_model, save_model
@@ -204,7 +204,7 @@ def test_stage_grows_deeper_and_wider_exactly(tmp_path: Path):
 
 
 def test_growth_errors_exit_2(tmp_path: Path):
-    from adapt_models import tiny_other, tiny_resnet
+    from adapt_models import tiny_resnet
 
     # Across torchvision families: known from the file, `edgemml check` refuses it.
     write(tmp_path / "family.yaml", """

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import run_cli, write
-from edgemml.config import ModelConfig, load_pipeline
+from edgemml.config import ModelConfig
+from edgemml.loader import load_pipeline
 from edgemml.errors import StageError
 from edgemml.models import build_model, load_model
 from edgemml.models.transfer import (
@@ -324,7 +325,7 @@ def test_stage_gray_target_from_renamed_safetensors(tmp_path: Path) -> None:
     splits = load_data(loaded.stages[0].data, loaded.stages[0].preprocess, seed=0,
                        base_dir=tmp_path)
     metrics = json.loads((stage / "stage.json").read_text())["metrics"]
-    assert metrics["zero_shot_accuracy"] == evaluate(model, splits.val)["accuracy"]
+    assert metrics["zero_shot_top1_pct"] == evaluate(model, splits.val)["top1_pct"]
     assert "| features.0.0.weight | 16x1x3x3 | adapted | src.safetensors | enc.features.0.0.weight " \
            "| rename | stem sum 3->1 |" in (stage / "migration.md").read_text()
 

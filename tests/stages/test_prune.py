@@ -180,7 +180,7 @@ def trained_default_model(tmp_path_factory) -> tuple[Path, float]:
     splits = load_data(DataConfig(source="builtin:digits"), PRE, seed=0, base_dir=root)
     model = build_model(ModelConfig(arch="torchvision/resnet18"), num_classes=10, in_chans=1)
     train(model, splits.train, None, TrainConfig(max_steps=30, batch_size=32, lr=3e-3), seed=0)
-    acc = evaluate(model, splits.val)["accuracy"]
+    acc = evaluate(model, splits.val)["top1_pct"]
     spec = ModelSpec.from_config(ModelConfig(arch="torchvision/resnet18"), num_classes=10,
                                  in_chans=1, class_names=splits.classes,
                                  preprocess=PRE.model_dump(mode="json"))
@@ -219,7 +219,7 @@ def test_prune_stage_end_to_end(tmp_path, trained_default_model):
     assert len(pruned) > 5 and all(r["out"][1] % 8 == 0 for r in pruned.values())
     assert sum(r["macs"][1] for r in layers.values()) < sum(r["macs"][0] for r in layers.values())
 
-    acc = report["accuracy"]
+    acc = report["top1_pct"]
     assert acc["before"] == pytest.approx(acc_trained)
     # Two iterative steps: 0.75 then 0.5 of the MACs; recovery only after the last one.
     first, step = report["steps"]
@@ -227,9 +227,9 @@ def test_prune_stage_end_to_end(tmp_path, trained_default_model):
     assert "recovery" not in first and step["recovery"]["steps"] == 8
     # BatchNorm re-estimation happened before the reported accuracy and did not make it worse.
     assert first["bn_reestimation_samples"] == step["bn_reestimation_samples"] == 8 * 64
-    assert step["accuracy_after_pruning"] > step["accuracy_before_bn_reestimation"]
-    assert acc["after_pruning"] == step["accuracy_after_pruning"]
-    assert acc["after_recovery"] == step["accuracy_after_recovery"] and acc["after_recovery"] > 0.5
+    assert step["top1_pct_after_pruning"] > step["top1_pct_before_bn_reestimation"]
+    assert acc["after_pruning"] == step["top1_pct_after_pruning"]
+    assert acc["after_recovery"] == step["top1_pct_after_recovery"] and acc["after_recovery"] > 50
     lat = report["latency_torch_cpu"]
     assert lat["before"]["runs"] >= 10 and lat["after"]["median_ms"] > 0
     assert lat["speedup"] == pytest.approx(lat["before"]["median_ms"] / lat["after"]["median_ms"])

@@ -52,9 +52,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def test_int8_for_both_runtimes_is_smaller_and_agrees_with_fp32(tmp_path, models):
-    from edgemml.exporters.runtime import dataset_arrays, onnx_session, openvino_compiled
-    from edgemml.exporters.runtime import run_onnx, run_openvino
-    from edgemml.exporters.stage_io import torch_logits
+    from edgemml import runtimes
+    from edgemml.data.datasets import as_arrays
     from edgemml.models import load_model
     from edgemml.quantization.cpu import RECIPES, detect_target
 
@@ -81,17 +80,17 @@ def test_int8_for_both_runtimes_is_smaller_and_agrees_with_fp32(tmp_path, models
 
     # figures re-measured here, independently of the stage
     data = digits()
-    x, y = dataset_arrays(data.val)
+    x, y = as_arrays(data.val)
     model, _ = load_model(stage.parent / "01-load/model")
-    ref = torch_logits(model, x)
-    assert report["fp32"]["accuracy"] == pytest.approx(float((ref.argmax(1) == y).mean()))
-    assert report["fp32"]["accuracy"] > 0.8  # a model that classifies, so agreement means something
-    q_ort = run_onnx(onnx_session(stage / "model.int8.onnx"), x)
-    compiled, precision = openvino_compiled(stage / "openvino-int8/model.xml", precision="f32")
-    q_ov = run_openvino(compiled, x)
-    assert precision == ov["inference_precision"] == "f32"
+    ref = runtimes.backend("torch").logits(model, x)
+    assert report["fp32"]["top1_pct"] == pytest.approx(100 * float((ref.argmax(1) == y).mean()))
+    assert report["fp32"]["top1_pct"] > 80  # a model that classifies, so agreement means something
+    q_ort = runtimes.predict(runtimes.open_artifact(stage / "model.int8.onnx", threads=None), x)
+    ov_runner = runtimes.open_artifact(stage / "openvino-int8/model.xml", threads=None, exact=True)
+    q_ov = runtimes.predict(ov_runner, x)
+    assert ov_runner.precision == ov["inference_precision"] == "f32"
     for res, q in ((ort, q_ort), (ov, q_ov)):
-        assert res["accuracy"] == pytest.approx(float((q.argmax(1) == y).mean()))
+        assert res["top1_pct"] == pytest.approx(100 * float((q.argmax(1) == y).mean()))
         agree = float((q.argmax(1) == ref.argmax(1)).mean())
         assert res["top1_agreement_with_fp32"] == pytest.approx(agree)
         assert agree >= 0.9, f"int8 top-1 agrees with fp32 on only {agree:.0%} of val samples"
@@ -99,7 +98,7 @@ def test_int8_for_both_runtimes_is_smaller_and_agrees_with_fp32(tmp_path, models
     assert ov["quantized_layers"] >= 20 and ov["float_layers"] == []
     record = json.loads((stage / "stage.json").read_text())
     assert set(record["outputs"]) == {"onnx-int8", "openvino-int8", "report"}
-    assert record["metrics"]["onnx_int8_accuracy"] == ort["accuracy"]
+    assert record["metrics"]["onnx_int8_top1_pct"] == ort["top1_pct"]
 
 
 def test_budget_search_keeps_the_fewest_sensitive_layers_in_float(tmp_path, models):

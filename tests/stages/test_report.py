@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgemml.errors import InputError
-from edgemml.evaluation import classification_metrics, output_diversity, parity_metrics
+from edgemml.metrics import accuracy, output_diversity, parity
 from edgemml.report import SCHEMA, load_report, render_from, write_reports
 from edgemml.report.compare import compare_reports, gate_changes
 from edgemml.report.gates import evaluate_gates, failure_lines, matches
@@ -103,11 +103,11 @@ def test_parity_catches_a_near_constant_output() -> None:
     ref[np.arange(200), labels] += 0.02
     const = np.full_like(ref, 5.0)
     const[:, 3] += 0.001
-    par = parity_metrics(const, ref, labels, 50.0, 10.0)
+    par = parity(const, ref, 50.0, 10.0)
     assert par["max_abs_diff"] < 0.05 and par["cosine"] > 0.999  # small diff, near-equal cosine
     assert abs(par["correlation"]) < 0.05  # but no correlation with the varying part
     assert par["accuracy_drop_pp"] == pytest.approx(40.0)
-    follows = parity_metrics(ref * 1.001, ref, labels, 50.0, 50.0)
+    follows = parity(ref * 1.001, ref, 50.0, 50.0)
     assert follows["correlation"] > 0.999 and follows["agreement"] == 1.0
     div = output_diversity(const, labels)
     assert div["distinct_predictions"] == 1 and div["distinct_fraction"] == pytest.approx(0.1)
@@ -120,11 +120,11 @@ def test_classification_metrics_top5_only_above_10_classes() -> None:
     logits[np.arange(4), [0, 1, 5, 6]] = 2.0  # two right
     logits[2, 2] = 1.0  # class 2 is its second guess
     logits[3, 3] = -5.0  # class 3 is its last guess
-    m = classification_metrics(logits, labels, [f"c{i}" for i in range(12)])
+    m = accuracy(logits, labels, [f"c{i}" for i in range(12)]).as_dict()
     assert m["top1_pct"] == 50.0 and m["top5_pct"] == 75.0
     assert m["per_class_pct"] == {"c0": 100.0, "c1": 100.0, "c2": 0.0, "c3": 0.0}
     assert m["worst_class_pct"] == 0.0
-    ten = classification_metrics(logits[:, :10], labels, [])
+    ten = accuracy(logits[:, :10], labels, []).as_dict()
     assert ten["top5_pct"] is None
 
 
@@ -196,7 +196,11 @@ def test_achieved_compute_against_a_roofline(tmp_path):
     path = tmp_path / "roofline.json"
     path.write_text(_json.dumps({"peak_gmacs_per_s": {"fp32": 100.0, "int8": 400.0}}))
     peaks = roofline_peaks(path)
-    lat = {"batch1_median_ms": 2.0, "batch1_input": 1, "batch": 8, "batch_median_ms": 4.0}
+    from edgemml.runtimes import Latency
+
+    lat = Latency(batch1_median_ms=2.0, batch1_p90_ms=2.0, batch1_min_ms=2.0, batch1_input=1,
+                  runs=1, warmup=0, threads=1, batch=8, batch_median_ms=4.0, throughput_ips=2000,
+                  throughput_runs=1)
     out = achieved_compute(20_000_000, lat, "int8", peaks)
     assert out["gmacs_per_s_batch1"] == pytest.approx(10.0)   # 20 MMAC in 2 ms
     assert out["gmacs_per_s_batch"] == pytest.approx(40.0)    # 8 x 20 MMAC in 4 ms

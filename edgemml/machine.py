@@ -1,0 +1,75 @@
+"""What the machine is: CPU name and features, library versions. The one reader of /proc/cpuinfo.
+
+Every figure edgemml reports was measured on some machine; reports name it (CPU model, the int8/bf16
+features its kernels depend on, library versions) so a figure is never shown as another machine's.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+#: versions recorded in every stage.json and report (whether or not they enter a fingerprint)
+RECORDED_DISTRIBUTIONS = ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf",
+                          "torch-pruning", "numpy")
+
+#: CPU features that decide which int8 / bf16 kernels run
+KERNEL_FLAGS = frozenset({"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                          "amx_int8", "asimddp", "i8mm"})
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    name: str
+    machine: str
+    flags: frozenset[str]
+
+    @property
+    def kernel_flags(self) -> list[str]:
+        return sorted(self.flags & KERNEL_FLAGS)
+
+
+def read_cpuinfo(path: Path = Path("/proc/cpuinfo")) -> CpuInfo:
+    """Model name and feature flags of the first CPU listed (x86 "flags", ARM "Features"); on
+    systems without /proc/cpuinfo, platform's processor name and no flags."""
+    name, flags = "", frozenset()
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and not name:
+            name = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = frozenset(value.split())
+    return CpuInfo(name or platform.processor() or platform.machine(), platform.machine(), flags)
+
+
+@lru_cache(maxsize=1)
+def cpu() -> CpuInfo:
+    return read_cpuinfo()
+
+
+def dist_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions(dists: tuple[str, ...] = RECORDED_DISTRIBUTIONS) -> dict[str, str | None]:
+    return {d: dist_version(d) for d in dists}
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """The machine a report's figures were measured on."""
+    info = cpu()
+    return {"threads": threads, "machine": info.machine, "processor": info.name,
+            "cpu_flags": info.kernel_flags, "python": platform.python_version(),
+            "versions": versions()}

@@ -1,0 +1,174 @@
+"""The report's tables as rows of cells, rendered to Markdown (report.md) and HTML (report.html).
+
+One builder per table, two renderers: the same rows reach both files, so they cannot disagree, and
+HTML is never parsed back out of Markdown.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgemml.report.gates import fmt
+from edgemml.report.schema import Report
+
+
+@dataclass
+class Cell:
+    text: str
+    #: pass | fail | skip: coloured in HTML, marked in Markdown
+    status: str | None = None
+    strong: bool = False
+    code: bool = False
+
+
+@dataclass
+class Table:
+    header: list[str]
+    #: "l" or "r" per column
+    align: str
+    rows: list[list[Cell]] = field(default_factory=list)
+
+
+def _num(value: Any, suffix: str = "") -> Cell:
+    return Cell(fmt(value) + (suffix if value is not None else ""))
+
+
+_MARKS = {"pass": "pass", "fail": "FAIL", "skip": "skip"}
+_EMOJI = {"pass": "✅ ", "fail": "❌ ", "skip": "⏭ "}
+
+
+def gate_table(report: Report) -> Table | None:
+    rows = report.get("gates", [])
+    if not rows:
+        return None
+    table = Table(["gate", "artifact", "limit", "measured", "result"], "llrrl")
+    for r in rows:
+        unit = f" {r['unit']}" if r.get("unit") else ""
+        measured = fmt(r["value"]) + (unit if r["value"] is not None else "")
+        if r.get("message"):
+            measured += f" ({r['message']})"
+        table.rows.append([Cell(r["gate"], code=True), Cell(r["artifact"] or "-"),
+                           Cell(f"{r['op']} {fmt(r['limit'])}{unit}"), Cell(measured),
+                           Cell(_MARKS[r["status"]], status=r["status"],
+                                strong=r["status"] == "fail")])
+    return table
+
+
+def artifact_table(report: Report) -> Table:
+    table = Table(["artifact", "backend", "runs in", "top-1 %", "top-5 %", "agreement",
+                   "max abs diff", "correlation", "p50 ms (b1)", "p90 ms (b1)", "img/s (batch)",
+                   "size MB", "M params", "M MACs", "GMAC/s (batch)", "% of peak", "gates"],
+                  "lll" + "r" * 13 + "l")
+    for a in report.get("artifacts", []):
+        acc, par, lat = a.get("accuracy") or {}, a.get("parity") or {}, a.get("latency") or {}
+        comp = a.get("compute") or {}
+        frac = comp.get("fraction_of_peak_batch")
+        thr = lat.get("throughput_ips")
+        passed = "pass" if a.get("passed") else "fail"
+        table.rows.append([
+            Cell(a["name"] + (" ★" if a.get("recommended") else ""), strong=True),
+            Cell(a["backend"]), Cell(a.get("runtime_precision", "-")),
+            _num(acc.get("top1_pct")), _num(acc.get("top5_pct")), _num(par.get("agreement")),
+            _num(par.get("max_abs_diff")), _num(par.get("correlation")),
+            _num(lat.get("batch1_median_ms")), _num(lat.get("batch1_p90_ms")),
+            Cell(fmt(thr) + (f" ({lat.get('batch')})" if thr is not None else "")),
+            _num(a.get("size_mb")), _num(a.get("mparams")), _num(a.get("mmacs")),
+            _num(comp.get("gmacs_per_s_batch")),
+            _num(frac * 100 if frac is not None else None),
+            Cell(_MARKS[passed], status=passed)])
+    return table
+
+
+def stage_table(report: Report) -> Table | None:
+    stages = report.get("stages") or []
+    if not stages:
+        return None
+    table = Table(["stage", "type", "seconds"], "llr")
+    for s in stages:
+        table.rows.append([Cell(s["name"]), Cell(s["type"]), _num(s.get("wall_time_s"))])
+    return table
+
+
+def rewrite_tables(report: Report) -> list[tuple[str, Table]]:
+    """Per `rewrite` stage of the run: (one summary line, a table) comparing the int8 artifacts of
+    its input model (the original) with those of its output (the rewritten model).
+
+    An int8 artifact belongs to whichever torch reference it was measured against, so the two
+    sides are told apart by the references' stages: the rewrite stage's `input_stage` (from its
+    recorded metrics) and the rewrite stage itself. Only figures already in report.json are used.
+    The summary line marks names with backticks (Markdown); the HTML renderer drops them.
+    """
+    arts = report.get("artifacts") or []
+    torch_by_stage = {a.get("stage"): a for a in arts if a.get("format") == "torch"}
+    out: list[tuple[str, Table]] = []
+    for st in report.get("stages") or []:
+        if st.get("type") != "rewrite":
+            continue
+        metrics = st.get("metrics") or {}
+        ref_old = torch_by_stage.get(metrics.get("input_stage"))
+        ref_new = torch_by_stage.get(st["name"])
+        if ref_old is None or ref_new is None:
+            continue
+        top = {k: (r.get("accuracy") or {}).get("top1_pct") for k, r in
+               (("original", ref_old), ("rewritten", ref_new))}
+        loss = None if None in top.values() else top["original"] - top["rewritten"]
+        line = (f"Rewrite `{st['name']}` of `{metrics.get('input_stage')}` "
+                f"({metrics.get('replaced')} activations replaced, {metrics.get('se_removed')} "
+                f"SE blocks removed): fp32 top-1 {fmt(top['original'])} % -> "
+                f"{fmt(top['rewritten'])} % ({fmt(loss)} points lost); int8 drop is each int8 "
+                f"artifact against its own fp32 model, agreement likewise.")
+        table = Table(["model", "int8 artifact", "runs in", "fp32 top-1 %", "int8 top-1 %",
+                       "int8 drop (points)", "int8 agreement", "p50 ms (b1)"], "lll" + "r" * 5)
+        for label, ref in (("original", ref_old), ("rewritten", ref_new)):
+            for a in arts:
+                if a.get("precision") != "int8" or a.get("reference") != ref["name"]:
+                    continue
+                par, lat = a.get("parity") or {}, a.get("latency") or {}
+                table.rows.append([
+                    Cell(label), Cell(a["name"]), Cell(a.get("runtime_precision", "-")),
+                    _num(top[label]), _num((a.get("accuracy") or {}).get("top1_pct")),
+                    _num(par.get("accuracy_drop_pp")), _num(par.get("agreement")),
+                    _num(lat.get("batch1_median_ms"))])
+        out.append((line, table))
+    return out
+
+
+# ---- renderers ------------------------------------------------------------------------------
+
+
+def to_markdown(table: Table, *, emoji: bool = True) -> list[str]:
+    def cell(c: Cell) -> str:
+        text = c.text.replace("|", "\\|")
+        if c.code:
+            text = f"`{text}`"
+        if c.strong:
+            text = f"**{text}**"
+        if c.status and emoji:
+            text = _EMOJI[c.status] + text
+        return text
+
+    sep = "|" + "|".join("---:" if a == "r" else "---" for a in table.align) + "|"
+    lines = ["| " + " | ".join(table.header) + " |", sep]
+    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in table.rows]
+    return lines
+
+
+def to_html(table: Table) -> str:
+    def cell(c: Cell, align: str) -> str:
+        text = html.escape(c.text)
+        if c.code:
+            text = f"<code>{text}</code>"
+        if c.strong:
+            text = f"<b>{text}</b>"
+        classes = [c.status] if c.status else []
+        if align == "l":
+            classes.append("l")
+        attr = f' class="{" ".join(classes)}"' if classes else ""
+        return f"<td{attr}>{text}</td>"
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
+    body = "".join("<tr>" + "".join(cell(c, a) for c, a in zip(row, table.align)) + "</tr>"
+                   for row in table.rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

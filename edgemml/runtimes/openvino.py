@@ -1,0 +1,115 @@
+"""OpenVINO on the CPU: the only place edgemml compiles an OpenVINO model.
+
+Every compiled model states its inference precision: on CPUs with AVX-512 BF16 / AMX, OpenVINO runs
+an fp32 graph in bf16 unless INFERENCE_PRECISION_HINT=f32 is set. `exact=True` pins f32 (parity
+checks, accuracy budgets); `exact=False` compiles it as a user's plain `compile_model` would run it
+(deployment). The precision reported is read back from the compiled model, never assumed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgemml.errors import InputError
+from edgemml.runtimes.base import Runner
+
+NAME = "openvino"
+FORMAT = "openvino"
+EXTRA = None
+#: whether the deployed precision may differ from fp32 (validate then also runs it pinned to f32)
+HAS_EXACT_MODE = True
+MODULES = ("openvino",)
+IR_XML = "model.xml"
+
+
+def claims(path: Path) -> bool:
+    """model.xml (+ .bin), or a folder holding exactly one IR."""
+    if path.is_file():
+        return path.suffix == ".xml"
+    return path.is_dir() and not (path / "model.json").is_file() and (
+        (path / IR_XML).is_file() or len(list(path.glob("*.xml"))) == 1)
+
+
+def xml_path(path: Path) -> Path:
+    """model.xml of an OpenVINO artifact given as its folder or its .xml file (with its .bin)."""
+    xml = path if path.suffix == ".xml" else path / IR_XML
+    if not xml.is_file():
+        found = sorted(path.glob("*.xml")) if path.is_dir() else []
+        if len(found) != 1:
+            raise InputError(f"no OpenVINO model.xml in {path}", file=path,
+                             hint="an OpenVINO artifact is a folder with model.xml + model.bin")
+        xml = found[0]
+    if not xml.with_suffix(".bin").is_file():
+        raise InputError(f"{xml.name} has no {xml.with_suffix('.bin').name} next to it", file=xml)
+    return xml
+
+
+def files(path: Path) -> list[Path]:
+    xml = xml_path(path)
+    return [xml, xml.with_suffix(".bin")]
+
+
+def stored_precision(path: Path) -> str:
+    """int8 (FakeQuantize or 8-bit constants), fp16 (f16 constants) or fp32, read from the IR."""
+    text = xml_path(path).read_text(encoding="utf-8", errors="replace")
+    if "FakeQuantize" in text or re.search(r'element_type="[ui]8"', text):
+        return "int8"
+    return "fp16" if 'element_type="f16"' in text else "fp32"
+
+
+def precision_name(value: Any) -> str:
+    """OpenVINO's element type as f32 / bf16 / f16 (the property reads "<Type: 'float32'>")."""
+    text = value.to_string() if hasattr(value, "to_string") else str(value)
+    match = re.search(r"'([a-z0-9]+)'", text)
+    name = match.group(1) if match else text.strip().lower()
+    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(name, name)
+
+
+def compile(model_or_path: Any, *, threads: int | None, exact: bool) -> tuple[Any, str]:
+    """(compiled model, the precision it runs in) for an ov.Model or a path to its .xml."""
+    import openvino as ov
+
+    config: dict[str, Any] = {"NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    if exact:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    core = ov.Core()
+    source = model_or_path
+    if isinstance(model_or_path, (str, Path)):
+        xml = xml_path(Path(model_or_path))
+        try:
+            source = core.read_model(str(xml))
+        except RuntimeError as exc:
+            first = (str(exc).strip().splitlines() or ["unreadable"])[0]
+            raise InputError(f"OpenVINO cannot read {xml.name}: {first}", file=xml) from None
+    compiled = core.compile_model(source, "CPU", config)
+    return compiled, precision_name(compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+
+def runner_for(compiled: Any, precision: str, *, threads: int | None, name: str) -> Runner:
+    """A Runner over an already compiled model (e.g. one NNCF's accuracy control hands over)."""
+    request = compiled.create_infer_request()
+    out_port = compiled.output(0)
+    pshape = compiled.input(0).get_partial_shape()
+    static = None
+    if pshape.rank.is_static and len(pshape) > 0 and pshape[0].is_static:
+        static = pshape[0].get_length()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        res = request.infer([np.ascontiguousarray(x, dtype=np.float32)])
+        return np.asarray(res[out_port], dtype=np.float32).copy()
+
+    io = {"input": sorted(compiled.input(0).get_names()), "input_shape": str(pshape),
+          "output": sorted(out_port.get_names())}
+    return Runner(name, NAME, threads or 0, precision, run, static, io)
+
+
+def open(path: Path, *, threads: int | None, exact: bool = False,
+         name: str | None = None) -> Runner:
+    compiled, precision = compile(path, threads=threads, exact=exact)
+    return runner_for(compiled, precision, threads=threads, name=name or Path(path).name)
