@@ -32,9 +32,12 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, *, follow_symlinks: bool = True) -> str:
+    """sha256 of a file's bytes; follow_symlinks=False refuses (OSError ELOOP) a path that is a
+    symlink, for callers that vouch for a file itself (bundle file tables, signatures)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    flags = os.O_RDONLY | (0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(os.open(path, flags), "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()

@@ -214,13 +214,13 @@ def report_command(run_dir: Path, out_dir: Path | None) -> None:
     a separate folder so the stage's recorded outputs (and its cache) stay untouched.
     """
     from edgemml.report import find_report, load_report, render_from
-    from edgemml.report.gates import failure_lines
+    from edgemml.report.gates import failure_lines, required_failures
 
     path = run_dir if run_dir.is_file() else find_report(run_dir)
     out = out_dir or path.parent.parent / "report"
     paths = render_from(path, out)
     report = load_report(path)
-    failed = sum(r["status"] == "fail" for r in report.get("gates", []))
+    failed = required_failures(report.get("gates", []))
     colour = "green" if report.get("status") == "passed" else "red"
     _out.print(f"[{colour}]{report.get('status')}[/]: {failed} of {len(report.get('gates', []))} "
                f"gate(s) failed ({path})")
@@ -265,6 +265,100 @@ def compare_command(run_a: Path, run_b: Path, as_json: bool) -> None:
                    f"{c['b'] or 'absent'}")
     if not changes:
         _out.print("no gate changed status")
+
+
+@cli.command("verify")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", "public_key", type=click.Path(dir_okay=False, path_type=Path),
+              help="The signer's ed25519 public key (PEM, or an OpenSSH ssh-ed25519 line): the "
+                   "signature must verify. Without it only the file hashes are checked.")
+def verify_command(bundle: Path, public_key: Path | None) -> None:
+    """Check a bundle: every file matches manifest.json, nothing extra, and with --key the
+    signature. Exit 0 verified, 1 refused (names the file), 2 cannot check."""
+    from edgemml.exporters.signing import verify_bundle
+
+    _out.print(escape(verify_bundle(bundle, public_key).summary()), soft_wrap=True)
+
+
+@cli.command("keygen")
+@click.argument("private_key", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--public", "public_key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the public key (default: KEY with .pub.pem).")
+def keygen_command(private_key: Path, public_key: Path | None) -> None:
+    """Write a new ed25519 key pair for signing bundles (private key mode 0600, encrypted with
+    $EDGEMML_SIGN_PASSPHRASE when set). Never overwrites a key."""
+    from edgemml.exporters.signing import PASSPHRASE_ENV, generate_keypair
+
+    passphrase = os.environ.get(PASSPHRASE_ENV, "").encode() or None
+    priv, pub, kid = generate_keypair(private_key, public_key, passphrase=passphrase)
+    _out.print(escape(f"new key {kid}: private {priv} (keep it secret, out of version control), "
+                      f"public {pub} (give it to whoever verifies)"), soft_wrap=True)
+
+
+@cli.command("sign")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", "private_key", required=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="ed25519 private key (PEM).")
+def sign_command(bundle: Path, private_key: Path) -> None:
+    """Sign a bundle made earlier (e.g. in a CI job that holds the key): its files are checked
+    against manifest.json first, then manifest.sig is written."""
+    from edgemml.exporters.signing import sign_bundle, signing_key_id
+
+    path = sign_bundle(bundle, private_key)
+    _out.print(escape(f"{path}: signed with {signing_key_id(private_key)}"), soft_wrap=True)
+@cli.command("roofline")
+@click.option("--threads", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Thread count (use the validate stage's `threads:`).")
+@click.option("--size", type=click.IntRange(64, 8192), default=None,
+              help="m = k = n of the timed matrix product (default 1024, or $EDGEMML_ROOFLINE_SIZE).")
+@click.option("--repeats", type=click.IntRange(1, 10000), default=30, show_default=True,
+              help="Timed calls per runtime and precision (median reported).")
+@click.option("--force", is_flag=True, help="Measure again even when a cached peak exists.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the roofline to this file (for validate's `roofline: FILE`).")
+@click.option("--json", "as_json", is_flag=True, help="Print the roofline as JSON.")
+def roofline_command(threads: int, size: int | None, repeats: int, force: bool, out_file: Path | None,
+                     as_json: bool) -> None:
+    """This machine's peak MAC rate per runtime and precision at THREADS threads.
+
+    Measured once (one large MatMul, fp32 and int8 QDQ, through edgemml's runtime layer) and
+    cached per CPU model, CPU features, library versions and thread count in
+    $EDGEMML_CACHE_DIR, $XDG_CACHE_HOME/edgemml or ~/.cache/edgemml; validate's `% of peak`
+    divides by it.
+    """
+    from edgemml import roofline
+    from edgemml.errors import InputError
+
+    def say(line: str) -> None:
+        if not as_json:
+            _err.print(f"  {escape(line)}")
+
+    path = roofline.cache_path(threads)
+    if not as_json:
+        _err.print(f"peak MAC rates at {threads} thread(s): measured once per machine, library "
+                   f"versions and thread count, then read from {path.parent}")
+    roof = roofline.cached(threads, size=size, repeats=repeats, force=force, log=say,
+                           warn=lambda m: _err.print(f"[yellow]warning[/]: {escape(m)}"))
+    if out_file is not None:
+        try:
+            roofline.save(roof, out_file)
+        except OSError as exc:
+            raise InputError(f"cannot write {out_file}: {exc.strerror or exc}", file=out_file,
+                             hint="give a writable file path") from None
+    if as_json:
+        click.echo(roofline.as_json(roof))
+        return
+    table = Table(title=f"{roof.key['cpu']}, {threads} thread(s), {roof.size}^3 MatMul, "
+                        f"measured {roof.created} (load {roof.loadavg[:1] or '?'})",
+                  title_justify="left")
+    for col in ("runtime", "stored", "runs in", "fastest ms", "median ms", "GMAC/s"):
+        table.add_column(col, justify="left" if col in ("runtime", "stored", "runs in")
+                         else "right")
+    for r in roof.rows:
+        table.add_row(r.runtime, r.dtype, r.precision, f"{r.min_ms:.3f}", f"{r.median_ms:.3f}",
+                      f"{r.gmacs_per_s:.1f}")
+    _out.print(table)
+    _out.print(f"cached in {roof.path or path}" + (f"; written to {out_file}" if out_file else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -92,6 +92,8 @@ def imports_of(name: str, explicit: bool = False, typing: bool = True) -> frozen
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, *([base] if base else [])])
+            if base != ROOT and not base.startswith(ROOT + "."):
+                continue  # find_spec("lib.sub.name") would import lib.sub: never touch others
             targets = [(base, False)]
             # `from pkg import sub`: sub is a module of its own when it has a file
             targets += [(f"{base}.{a.name}", True) for a in node.names

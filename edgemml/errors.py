@@ -58,6 +58,14 @@ class InputError(EdgemmlError):
     """A file the pipeline names is missing, unreadable, or not what it claims to be."""
 
 
+class VerificationError(InputError):
+    """A file was checked against what was recorded or signed for it and does not match (a bundle
+    with an edited model, a stripped signature): exit 1, like a failed gate, so CI goes red; exit 2
+    stays for "could not check at all" (no bundle, unreadable key)."""
+
+    exit_code = EXIT_GATE_FAILED
+
+
 class ArtifactError(EdgemmlError):
     """The run directory is unusable: locked by another run, or missing a required artifact."""
 

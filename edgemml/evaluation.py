@@ -8,7 +8,6 @@ is measured; nothing is estimated from file names.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -18,6 +17,7 @@ import numpy as np
 from edgemml import metrics, runtimes
 from edgemml.errors import InputError
 from edgemml.report.schema import ArtifactEntry, Compute
+from edgemml.roofline import Roofline
 
 #: arrays up to this size are preprocessed once and kept for every artifact; larger sets stream
 _KEEP_BYTES = 1 << 30
@@ -128,7 +128,7 @@ def count_macs(subject: Subject, input_shape: tuple[int, ...],
 def measure(subject: Subject, runner: runtimes.Runner, samples: Samples, classes: list[str], *,
             reference: Measured | None, latency: LatencySettings, latency_x: np.ndarray,
             macs: tuple[int | None, int | None, str | None],
-            peaks: dict[str, float] | None) -> Measured:
+            roofline: Roofline | None) -> Measured:
     """Every figure of one artifact. `reference` is the measured entry it is compared with (None
     for a reference itself, which is compared with itself)."""
     logits = logits_of(runner, samples)
@@ -149,6 +149,9 @@ def measure(subject: Subject, runner: runtimes.Runner, samples: Samples, classes
         notes["top5_pct"] = "top-5 is reported for more than 10 classes only"
     if macs_note:
         notes["macs"] = macs_note
+    quantized_io = io_note(runner.io)
+    if quantized_io:
+        notes["io"] = quantized_io
     size = runtimes.size_bytes(subject.path)
     entry: ArtifactEntry = {
         "name": subject.name, "key": subject.key, "stage": subject.stage,
@@ -161,20 +164,34 @@ def measure(subject: Subject, runner: runtimes.Runner, samples: Samples, classes
         "accuracy": acc.as_dict(),  # type: ignore[typeddict-item]
         "parity": parity, "diversity": metrics.output_diversity(logits, labels),
         "latency": lat.as_dict(),  # type: ignore[typeddict-item]
-        "compute": achieved_compute(n_macs, lat, "int8" if subject.precision == "int8"
-                                    else "fp32", peaks),
-        "io": runner.io, "passed": None, "recommended": False, "notes": notes}
+        "compute": achieved_compute(n_macs, lat, runner.backend,
+                                    "int8" if subject.precision == "int8" else runner.precision,
+                                    roofline),
+        "io": runner.io, "passed": None, "recommended": False, "notes": notes,
+        "robustness": None}  # filled by validate's robustness pass when configured
     return Measured(entry, logits)
 
 
-def achieved_compute(macs: int | None, latency: runtimes.Latency, dtype: str,
-                     peaks: dict[str, float] | None) -> Compute:
+def io_note(io: dict[str, Any]) -> str | None:
+    """How an artifact with integer input / output (a fully int8 .tflite) was fed and read: the
+    runtime layer quantizes the float batch with the input's own scale / zero point and
+    dequantizes the output with the output's. None for float I/O."""
+    parts = [f"{side} {io.get(f'{side}_dtype')}: {verb} through its own scale "
+             f"{io[f'{side}_scale']:.6g} and zero point {io[f'{side}_zero_point']}"
+             for side, verb in (("input", "fed"), ("output", "read")) if f"{side}_scale" in io]
+    return "; ".join(parts) if parts else None
+
+
+def achieved_compute(macs: int | None, latency: runtimes.Latency, backend: str, precision: str,
+                     roofline: Roofline | None) -> Compute:
     """The MAC rate an artifact achieved (GMAC/s at batch 1 and at the throughput batch), and as a
-    fraction of the machine's measured peak for its dtype when peaks are given. Small models at
-    batch 1 sit far below the peak: per-call overhead, not arithmetic, dominates."""
-    out: Compute = {"gmacs_per_s_batch1": None, "gmacs_per_s_batch": None, "peak_dtype": dtype,
-                    "peak_gmacs_per_s": None, "fraction_of_peak_batch1": None,
-                    "fraction_of_peak_batch": None}
+    fraction of the peak this machine measured for the same runtime computing in the same precision
+    (OpenVINO bf16, ONNX Runtime int8, torch f32 ...) at the same thread count, when a roofline is
+    given. Small models at batch 1 sit far below the peak: per-call overhead, not arithmetic,
+    dominates."""
+    out: Compute = {"gmacs_per_s_batch1": None, "gmacs_per_s_batch": None, "peak_dtype": precision,
+                    "peak_runtime": backend, "peak_gmacs_per_s": None,
+                    "fraction_of_peak_batch1": None, "fraction_of_peak_batch": None}
     if not macs:
         return out
     if latency.batch1_median_ms:
@@ -182,7 +199,7 @@ def achieved_compute(macs: int | None, latency: runtimes.Latency, dtype: str,
                                      / (latency.batch1_median_ms / 1e3) / 1e9)
     if latency.batch_median_ms:
         out["gmacs_per_s_batch"] = macs * latency.batch / (latency.batch_median_ms / 1e3) / 1e9
-    peak = (peaks or {}).get(dtype)
+    peak = roofline.peak(backend, precision) if roofline is not None else None
     if peak:
         out["peak_gmacs_per_s"] = peak
         for key in ("batch1", "batch"):
@@ -190,14 +207,3 @@ def achieved_compute(macs: int | None, latency: runtimes.Latency, dtype: str,
             out[f"fraction_of_peak_{key}"] = (  # type: ignore[literal-required]
                 rate / peak if rate is not None else None)
     return out
-
-
-def roofline_peaks(path: Path) -> dict[str, float]:
-    """{"int8": GMAC/s, "fp32": GMAC/s} measured by benchmarks/roofline.py."""
-    try:
-        doc = json.loads(Path(path).read_text())
-        return {k: float(v) for k, v in doc["peak_gmacs_per_s"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise InputError(f"cannot read the roofline file {path}: {exc}", file=path,
-                         key="roofline", hint="write it with: python benchmarks/roofline.py") \
-            from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -57,8 +58,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Loade
         stage_registry.import_plugin(plugin, file=file, line=ctx.line_for(("plugins",)))
 
     shared_raw = {k: raw.get(k) for k in _SHARED_MERGE_KEYS if isinstance(raw.get(k), dict)}
+    stage_items, sweeps = _expand_sweeps(raw["stages"], file, ctx)
     configs: list[StageConfig] = []
-    for i, item in enumerate(raw["stages"]):
+    for i, item in stage_items:
         where = ("stages", i)
         if not isinstance(item, dict):
             raise ConfigError("each stage must be a mapping with a type", file=file,
@@ -85,13 +87,51 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Loade
         try:
             cfg = stage_cls.Config.model_validate(merged)
         except ValidationError as exc:
-            ctx.raise_for(exc, stage_cls.Config, where, f"stages[{i}].{stype}",
+            label = stype if "name" not in item or item is raw["stages"][i] else item["name"]
+            ctx.raise_for(exc, stage_cls.Config, where, f"stages[{i}].{label}",
                           fallback_prefix=())
             raise
         configs.append(cfg)
 
     _check_stage_graph(configs, file, ctx, top.model)
-    return LoadedPipeline(top, configs, path, raw)
+    loaded = LoadedPipeline(top, configs, path, raw)
+    #: the file's sweeps (edgemml.sweep.Sweep), for the stages that present them (validate)
+    loaded.sweeps = sweeps  # type: ignore[attr-defined]
+    return loaded
+
+
+def _expand_sweeps(stages: list[Any], file: str,
+                   ctx: ErrorContext) -> tuple[list[tuple[int, Any]], list[Any]]:
+    """A stage with `sweep:` and the stages after it, once per point (edgemml.sweep); errors name
+    the line of the `sweep:` key."""
+    from edgemml import sweep
+
+    def cls_of(item: dict[str, Any]) -> Any:
+        try:
+            return stage_registry.get(str(item.get("type")))
+        except KeyError:
+            return None
+
+    def provides_model(item: dict[str, Any]) -> bool:
+        cls = cls_of(item)
+        return cls is not None and "model" in cls.provides
+
+    def gathers(item: dict[str, Any]) -> bool:
+        cls = cls_of(item)
+        try:
+            return cls is not None and cls.reads_all_earlier and not cls.needs_input(item)
+        except Exception:  # noqa: BLE001 - a plugin's needs_input may expect a validated config
+            return False
+
+    try:
+        return sweep.expand(stages, provides_model=provides_model, gathers=gathers)
+    except ConfigError as exc:
+        if exc.file is None:
+            index = next((i for i, s in enumerate(stages)
+                          if isinstance(s, dict) and sweep.SWEEP_KEY in s), 0)
+            exc.file = file
+            exc.line = ctx.line_for(("stages", index, sweep.SWEEP_KEY))
+        raise
 
 
 def _check_stage_graph(configs: list[StageConfig], file: str, ctx: ErrorContext,

@@ -4,6 +4,7 @@ pydantic models so that documentation never drifts from what the loader accepts.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel
@@ -37,7 +38,8 @@ def pipeline_json_schema() -> dict[str, Any]:
 
 def _type_name(annotation: Any) -> str:
     text = getattr(annotation, "__name__", None) or str(annotation)
-    return text.replace("typing.", "").replace("pathlib.", "").replace("edgemml.config.", "")
+    text = re.sub(r"\bedgemml\.[\w.]*\.(?=[A-Za-z_]\w*)", "", text)  # the class name is enough
+    return text.replace("typing.", "").replace("pathlib.", "")
 
 
 def describe_fields(model: type[BaseModel]) -> list[tuple[str, str, str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -12,6 +13,11 @@ import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
+
+# edgemml's cache (the measured roofline) goes to a folder of this test session, never the user's
+# ~/.cache, and validate's roofline measurement is a small product: CLI subprocesses inherit both.
+os.environ["EDGEMML_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgemml-test-cache-")
+os.environ.setdefault("EDGEMML_ROOFLINE_SIZE", "256")
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:

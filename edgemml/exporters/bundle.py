@@ -21,23 +21,33 @@ manifest.json:
               metrics {} (filled by validate)}]
     samples: [{file, label, predictions {model file: label}}]
     validation: null (the validate stage writes a marked copy of the manifest in its own folder)
-    files: {relative path: {sha256, bytes}} for every file except manifest.json
+    files: {relative path: {sha256, bytes}} for every file except manifest.json (and manifest.sig)
+
+manifest.sig (signed bundles only, exporters/signing.py): an ed25519 signature over manifest.json,
+whose file table pins every other file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from edgemml.artifacts import atomic_path, sha256_file, write_json_atomic
+from edgemml.errors import InputError, VerificationError
 
 BUNDLE_FORMAT = "edgemml-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
+#: the ed25519 signature of manifest.json (exporters/signing.py), when the bundle is signed
+SIGNATURE = "manifest.sig"
+#: files the table cannot list: the manifest cannot hold its own hash; the signature signs it
+UNLISTED = (MANIFEST, SIGNATURE)
 PREDICT_TEMPLATE = Path(__file__).with_name("predict_template.py")
 
 
@@ -55,9 +65,38 @@ def copy_support_files(bundle: Path, preprocess_spec: dict[str, Any], classes: l
     (bundle / "labels.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
 
 
+def scan_files(bundle: Path) -> dict[str, Path]:
+    """Every file under the bundle by posix relative path, without following any link.
+
+    A symlink (to a file, a folder, or looping) or a device/fifo/socket is refused: a bundle holds
+    regular files only, so nothing its manifest names can resolve outside it.
+    """
+    found: dict[str, Path] = {}
+
+    def unreadable(exc: OSError) -> None:
+        raise InputError(f"cannot read the bundle: {exc.strerror}", file=exc.filename or bundle)
+
+    for dirpath, dirnames, filenames in os.walk(bundle, followlinks=False, onerror=unreadable):
+        for name in sorted(dirnames + filenames):
+            path = Path(dirpath) / name
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                raise VerificationError(f"is a symlink (to {os.readlink(path)}); a bundle holds "
+                                        "regular files only", file=path)
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                raise VerificationError("is not a regular file (device, fifo or socket)",
+                                        file=path)
+            found[path.relative_to(bundle).as_posix()] = path
+    return found
+
+
 def file_table(bundle: Path) -> dict[str, dict[str, Any]]:
-    return {p.relative_to(bundle).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(bundle.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    """{relative path: {sha256, bytes}} of every file but the top-level manifest.json and
+    manifest.sig (a nested file of the same name is listed like any other)."""
+    return {rel: {"sha256": sha256_file(p, follow_symlinks=False), "bytes": p.lstat().st_size}
+            for rel, p in sorted(scan_files(bundle).items()) if rel not in UNLISTED}
 
 
 def write_manifest(bundle: Path, manifest: dict[str, Any]) -> Path:

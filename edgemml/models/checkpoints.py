@@ -6,17 +6,15 @@ _orig_mod. from torch.compile, model. from Lightning) and torchvision weight nam
 (torchvision:ResNet18_Weights.IMAGENET1K_V1) read from the local torch hub cache — never downloaded.
 
 Safety: everything goes through torch.load(weights_only=True). A file that pickles code or objects is
-refused before anything runs; we name the offending global by parsing the pickle opcodes
-(pickletools only parses, it never executes). Every failure is an InputError naming the file.
+refused before anything runs; edgemml.models.unsafe_pickle names the offending globals with
+maintained scanners that only parse, never execute. Every failure is an InputError naming the file.
 """
 
 from __future__ import annotations
 
 import difflib
-import io
 import os
 import pickle
-import pickletools
 import re
 import struct
 import warnings
@@ -30,6 +28,7 @@ import torch
 from torch import nn
 
 from edgemml.errors import InputError
+from edgemml.models.unsafe_pickle import refuse_pickle
 
 TORCHVISION_REF = "torchvision:"
 # Keys under which checkpoints nest the weights, in order of preference.
@@ -38,14 +37,6 @@ NESTING_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema", "mod
 # Prefixes that training wrappers add to every key.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 CLASS_NAME_KEYS = ("class_names", "classes", "idx_to_class", "categories")
-
-# Globals whose presence means the pickle would run code, not just rebuild an object.
-_CODE_MODULES = {"os", "posix", "nt", "subprocess", "sys", "shutil", "socket", "importlib", "runpy",
-                 "pty", "commands", "webbrowser", "code", "ctypes", "pickle", "marshal", "types",
-                 "operator", "functools", "codecs", "base64"}
-_CODE_NAMES = {"eval", "exec", "compile", "__import__", "getattr", "setattr", "open", "system",
-               "popen", "apply", "input", "breakpoint", "globals", "vars"}
-
 
 @dataclass
 class Checkpoint:
@@ -56,76 +47,6 @@ class Checkpoint:
     nested_under: tuple[str, ...] = ()
     class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
-
-
-# ------------------------------------------------------------------------------------------------
-# Pickle inspection (parse only)
-# ------------------------------------------------------------------------------------------------
-
-
-def _globals_in_pickle(data: bytes) -> list[str]:
-    """module.name of every GLOBAL / STACK_GLOBAL in a (possibly multi-part) pickle stream."""
-    found: list[str] = []
-    stream = io.BytesIO(data)
-    while stream.tell() < len(data):
-        strings: list[str] = []
-        try:
-            for op, arg, _ in pickletools.genops(stream):
-                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8",
-                               "SHORT_BINSTRING", "BINSTRING", "STRING"):
-                    strings.append(str(arg))
-                elif op.name == "GLOBAL":
-                    found.append(str(arg).replace(" ", "."))
-                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                    found.append(f"{strings[-2]}.{strings[-1]}")
-        except Exception:  # noqa: BLE001 - truncated or not a pickle: keep what was parsed
-            break
-    return found
-
-
-def _pickle_bytes(path: Path) -> bytes:
-    """The pickle part of a torch file: data.pkl inside the zip, or the whole legacy file."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if n.endswith("data.pkl")]
-            return zf.read(names[0]) if names else b""
-    except (zipfile.BadZipFile, OSError, KeyError, EOFError):
-        return path.read_bytes()
-
-
-def _is_code(name: str) -> bool:
-    module, _, attr = name.rpartition(".")
-    return module.split(".")[0] in _CODE_MODULES or attr in _CODE_NAMES
-
-
-def _is_benign(name: str) -> bool:
-    """Globals every normal torch checkpoint uses (tensor rebuilding), not worth reporting."""
-    return (name.startswith(("torch._utils.", "torch.serialization.", "collections.OrderedDict",
-                             "_codecs.encode")) or name.endswith("Storage")
-            or name in ("torch.Size", "torch.device", "torch.dtype")
-            or bool(re.fullmatch(r"torch\.(u?int\d+|float\d*|bfloat16|bool|complex\d+|half|long)", name)))
-
-
-def _refuse_pickle(path: Path, exc: Exception) -> InputError:
-    found = [g for g in dict.fromkeys(_globals_in_pickle(_pickle_bytes(path))) if not _is_benign(g)]
-    found.sort(key=lambda g: g.startswith(("__builtin__.", "builtins.")))  # most telling first
-    code = [g for g in found if _is_code(g)]
-    if code:
-        return InputError(f"holds pickled code (global {', '.join(code[:3])}); refusing to execute it",
-                          file=path, hint="only load checkpoints from sources you trust; re-save the "
-                          "weights with torch.save(model.state_dict()) or as .safetensors")
-    if found:
-        what = ", ".join(found[:3])
-        module_like = any(re.search(r"\.[A-Z]\w*$", g) for g in found)
-        return InputError(f"holds pickled Python objects ({what}), not only tensors; refusing to "
-                          f"unpickle them (unpickling can run code)", file=path,
-                          hint="save model.state_dict() rather than the whole model" if module_like
-                          else "re-save the checkpoint with only tensors, or as .safetensors")
-    detail = str(exc).strip().splitlines()
-    reason = next((line for line in reversed(detail) if line.strip() and "documentation" not in line),
-                  type(exc).__name__)
-    return InputError(f"cannot be loaded safely (weights_only): {reason.strip()}", file=path,
-                      hint="re-save it with torch.save(model.state_dict()) or as .safetensors")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,7 +89,7 @@ def _load_torch(path: Path) -> Any:
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise _refuse_pickle(path, exc) from None
+        raise refuse_pickle(path, exc) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, OSError,
             struct.error, IndexError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

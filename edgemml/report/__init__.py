@@ -18,7 +18,10 @@ Schema (`"schema": "edgemml.validate-report"`, `"version": 1`), stable within a 
                                     correlation, accuracy_drop_pp},
                             diversity, latency {batch1_median_ms, batch1_p90_ms, batch1_min_ms,
                             runs, warmup, threads, batch, batch_median_ms, throughput_ips},
-                            passed, recommended, notes}
+                            passed, recommended, notes,
+                            robustness {reference, reference_inputs, crafted_on, transfer,
+                                        clean_top1_pct, worst_top1_pct, worst_top1_set,
+                                        worst_drop_pp, worst_drop_set, sets[]} or null}
     gates[]                {gate, selector, artifact, metric, op, limit, value, unit, status, message}
     gate_failures[]        one line per failed gate
     recommended            {backend: artifact name or null}
@@ -26,6 +29,8 @@ Schema (`"schema": "edgemml.validate-report"`, `"version": 1`), stable within a 
     stages[]               {name, type, wall_time_s, started, metrics} of the run's earlier stages
     curves                 {stage: [{epoch, train_loss, val_loss, train_top1_pct, val_top1_pct}]}
     bundle                 {stage, source, manifest} or null
+    robustness             {attack, settings, n, table, sets[], timing, references, gaps[]} or
+                           null (validate's opt-in `robustness:` pass; schema.RobustnessSection)
 """
 
 from __future__ import annotations

@@ -9,14 +9,16 @@ gates nothing is worse than none.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from edgemml.config import StrictModel
 
+#: artifact formats a gate selector may name as a group (every artifact of that format)
+FORMAT_GROUPS = ("onnx", "openvino", "executorch", "litert")
 #: groups a gate selector may name besides an artifact's own name
-GROUPS = ("all", "onnx", "openvino", "fp32", "fp16", "int8", "deployed", "exact", "torch")
+GROUPS = ("all", *FORMAT_GROUPS, "fp32", "fp16", "int8", "deployed", "exact", "torch")
 SELECTOR_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.@-]*(\[f32\])?$")
 
 
@@ -58,9 +60,20 @@ class GateLimits(StrictModel):
     max_size_mb: float | None = Field(None, gt=0, description="File size in MB (10^6 bytes).")
     max_latency_ms: float | None = Field(None, gt=0, description="Batch-1 median latency, ms.")
     max_p90_latency_ms: float | None = Field(None, gt=0, description="Batch-1 p90 latency, ms.")
+    min_speedup: float | None = Field(
+        None, gt=0, description="Batch-1 median latency of the report's reference (in a sweep: "
+        "the unpruned model) divided by the artifact's, measured in the same run: a latency "
+        "budget that holds on any machine (12: at most 1/12 of the reference's latency).")
     min_throughput: float | None = Field(None, gt=0, description="Images/s at the batch size.")
     max_mparams: float | None = Field(None, gt=0, description="Parameters, millions.")
     max_mmacs: float | None = Field(None, gt=0, description="MACs per image, millions.")
+    min_robust_top1: float | None = Field(
+        None, ge=0, le=100, description="Worst top-1 over every adversarial and corrupted set of "
+        "validate's `robustness:` pass, percent.")
+    max_robust_drop: float | None = Field(
+        None, description="Largest drop below the reference under the same attack or corruption, "
+        "points (int8/ONNX/OpenVINO: vs the torch model on the same inputs; the pruned reference: "
+        "vs the unpruned model, each attacked white-box).")
     max_regression: RegressionLimits | None = Field(
         None, description="Limits relative to the same artifact in the `baseline` report.")
 
@@ -79,9 +92,17 @@ METRICS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "max_size_mb": (("size_mb",), "<=", "MB"),
     "max_latency_ms": (("latency", "batch1_median_ms"), "<=", "ms"),
     "max_p90_latency_ms": (("latency", "batch1_p90_ms"), "<=", "ms"),
+    "min_speedup": (("speedup",), ">=", "x"),
     "min_throughput": (("latency", "throughput_ips"), ">=", "img/s"),
     "max_mparams": (("mparams",), "<=", "M"),
     "max_mmacs": (("mmacs",), "<=", "M"),
+    "min_robust_top1": (("robustness", "worst_top1_pct"), ">=", "%"),
+    "max_robust_drop": (("robustness", "worst_drop_pp"), "<=", "pp"),
+}
+# metric -> where the entry says which case the figure comes from (shown with the gate's value)
+WHERE: dict[str, tuple[str, ...]] = {
+    "min_robust_top1": ("robustness", "worst_top1_set"),
+    "max_robust_drop": ("robustness", "worst_drop_set"),
 }
 
 # regression metric -> (path, direction where "worse" is higher(+1)/lower(-1), relative?, unit)
@@ -115,7 +136,7 @@ def matches(selector: str, entry: dict[str, Any]) -> bool:
         return False
     if selector == "all":
         return True
-    if selector in ("onnx", "openvino"):
+    if selector in FORMAT_GROUPS:
         return entry["format"] == selector
     if selector in ("fp32", "fp16", "int8"):
         return entry["precision"] == selector
@@ -171,7 +192,9 @@ def evaluate_gates(entries: list[dict[str, Any]], gates: dict[str, dict[str, Any
                                         e.get("notes", {}) else "")))
                     continue
                 status = "pass" if _passes(float(value), op, float(limit)) else "fail"
-                rows.append(_row(gate, selector, e["name"], metric, op, limit, value, unit, status))
+                where = _get(e, WHERE[metric]) if metric in WHERE else None
+                rows.append(_row(gate, selector, e["name"], metric, op, limit, value, unit, status,
+                                 f"on {where}" if where else ""))
     return rows
 
 
@@ -214,11 +237,18 @@ def _regression_rows(selector: str, matched: list[dict[str, Any]], limits: dict[
     return rows
 
 
+def required_failures(rows: list[dict[str, Any]]) -> int:
+    """Failed rows that fail the run (`required` is False for the gates of artifacts a sweep's
+    front did not choose, under validate's `require: chosen`)."""
+    return sum(r["status"] == "fail" and r.get("required", True) for r in rows)
+
+
 def failure_lines(rows: list[dict[str, Any]]) -> list[str]:
-    """`<gate>: <artifact> <metric> <value> > <limit>` for each failed row (runner exits 1)."""
+    """`<gate>: <artifact> <metric> <value> > <limit>` for each failed row that is required (the
+    runner exits 1 when there is any)."""
     out = []
     for r in rows:
-        if r["status"] != "fail":
+        if r["status"] != "fail" or not r.get("required", True):
             continue
         what = r["artifact"] or r["selector"]
         if r["value"] is None:
@@ -254,26 +284,53 @@ def builtin_gates(entries: list[dict[str, Any]], primary: str, *, min_reference_
     return rows
 
 
-def recommend(entries: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, str | None]:
-    """Per backend, the fastest deployed artifact (batch-1 median) passing every gate — its exact
-    twin's and its reference's included. Sets each entry's `passed` and `recommended`."""
+Policy = Literal["fastest", "most_accurate"]
+
+
+def recommend(entries: list[dict[str, Any]], rows: list[dict[str, Any]],
+              policy: Policy = "fastest") -> dict[str, str | None]:
+    """Per backend, the deployed artifact passing every gate — its exact twin's and its
+    reference's included — that is the fastest (batch-1 median; `fastest`) or the most accurate
+    (top-1, ties to the faster; `most_accurate`: e.g. the best point of a sweep that still meets
+    max_latency_ms). Sets each entry's `passed` and `recommended`."""
     failed = {r["artifact"] for r in rows if r["status"] == "fail" and r["artifact"]}
     unmatched = any(r["status"] == "fail" and not r["artifact"] for r in rows)
     for e in entries:
         e["passed"] = e["name"] not in failed
-    by_name = {e["name"]: e for e in entries}
     out: dict[str, str | None] = {}
     backends = list(dict.fromkeys(e["backend"] for e in entries if e["mode"] == "deployed"))
     for backend in backends:
-        cands = [e for e in entries if e["backend"] == backend and e["mode"] == "deployed"]
-        ok = [e for e in cands if e["passed"] and not unmatched
-              and by_name.get(f"{e['name']}[f32]", e)["passed"]
-              and by_name.get(e["reference"] or e["name"], e)["passed"]]
-        best = min(ok, key=lambda e: e["latency"]["batch1_median_ms"], default=None)
+        best = best_passing([e for e in entries if e["backend"] == backend], entries, unmatched,
+                            policy)
         out[backend] = best["name"] if best else None
         if best:
             best["recommended"] = True
     return out
+
+
+def passing(entries: list[dict[str, Any]], everything: list[dict[str, Any]],
+            unmatched: bool = False) -> list[dict[str, Any]]:
+    """Deployed artifacts that pass, with their exact twin and their reference."""
+    by_name = {e["name"]: e for e in everything}
+    return [e for e in entries if e["mode"] == "deployed" and e["passed"] and not unmatched
+            and by_name.get(f"{e['name']}[f32]", e)["passed"]
+            and by_name.get(e["reference"] or e["name"], e)["passed"]]
+
+
+def rank_key(policy: Policy) -> Any:
+    """Sort key: the best artifact first under a policy."""
+    def key(e: dict[str, Any]) -> tuple[float, float]:
+        lat = e["latency"]["batch1_median_ms"]
+        top1 = e["accuracy"]["top1_pct"]
+        top1 = -1.0 if top1 is None else top1
+        return (lat, -top1) if policy == "fastest" else (-top1, lat)
+    return key
+
+
+def best_passing(entries: list[dict[str, Any]], everything: list[dict[str, Any]],
+                 unmatched: bool, policy: Policy) -> dict[str, Any] | None:
+    ok = passing(entries, everything, unmatched)
+    return min(ok, key=rank_key(policy), default=None)
 
 
 def fmt(value: Any) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 from xml.etree import ElementTree as ET
 
-from edgemml.report.gates import fmt
+from edgemml.report.gates import fmt, required_failures
 
 
 def render_junit(report: dict[str, Any]) -> str:
@@ -14,8 +14,10 @@ def render_junit(report: dict[str, Any]) -> str:
     suite = ET.Element("testsuite", {
         "name": f"edgemml.validate.{report.get('pipeline', '')}",
         "tests": str(len(rows)),
-        "failures": str(sum(r["status"] == "fail" for r in rows)),
-        "skipped": str(sum(r["status"] == "skip" for r in rows)),
+        "failures": str(required_failures(rows)),
+        "skipped": str(sum(r["status"] == "skip" or (r["status"] == "fail"
+                                                      and not r.get("required", True))
+                           for r in rows)),
         "errors": "0", "time": "0",
         "timestamp": str(report.get("created", ""))})
     for r in rows:
@@ -26,7 +28,10 @@ def render_junit(report: dict[str, Any]) -> str:
         text = (f"{r['artifact'] or r['selector']}: {r['metric']} = {fmt(r['value'])}{unit}, "
                 f"limit {r['op']} {fmt(r['limit'])}{unit}"
                 + (f"; {r['message']}" if r.get("message") else ""))
-        if r["status"] == "fail":
+        if r["status"] == "fail" and not r.get("required", True):
+            ET.SubElement(case, "skipped", {"message": f"not required (require: chosen; another "
+                                                       f"artifact was chosen): {text}"})
+        elif r["status"] == "fail":
             ET.SubElement(case, "failure", {"message": text, "type": "GateFailed"}).text = text
         elif r["status"] == "skip":
             ET.SubElement(case, "skipped", {"message": text})

@@ -7,7 +7,7 @@ JSON shape is what must stay stable; these types let the type checker hold every
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 
 class Accuracy(TypedDict):
@@ -46,9 +46,56 @@ class Compute(TypedDict):
     gmacs_per_s_batch1: float | None
     gmacs_per_s_batch: float | None
     peak_dtype: str
+    peak_runtime: str
     peak_gmacs_per_s: float | None
     fraction_of_peak_batch1: float | None
     fraction_of_peak_batch: float | None
+
+
+class RobustSet(TypedDict):
+    """One artifact on one perturbed set (edgemml.robustness.SetResult)."""
+
+    key: str  # clean | fgsm@4/255 | pgd@4/255 | <corruption>@<severity>
+    family: str
+    kind: Literal["clean", "adversarial", "corruption"]
+    param: float | int | None  # eps in pixel units, or severity
+    n: int
+    top1_pct: float | None
+    drop_from_clean_pp: float | None
+    reference_top1_pct: float | None
+    drop_vs_reference_pp: float | None
+
+
+class Robustness(TypedDict):
+    """An artifact's robustness (validate's `robustness:` pass), what the robust gates read."""
+
+    artifact: str
+    reference: str | None
+    reference_inputs: str | None  # same inputs | own white-box inputs
+    crafted_on: str | None
+    transfer: bool
+    clean_top1_pct: float | None
+    worst_top1_pct: float | None
+    worst_top1_set: str | None
+    worst_drop_pp: float | None
+    worst_drop_set: str | None
+    seconds: float
+    cpu_seconds: float
+    notes: list[str]
+    sets: list[RobustSet]
+
+
+class RobustnessSection(TypedDict):
+    """report.json's `robustness`: settings, the sets, timing, extra references and gaps."""
+
+    attack: str
+    settings: dict[str, Any]
+    n: int
+    table: str | None
+    sets: list[dict[str, Any]]
+    timing: dict[str, Any]  # {wall_s, cpu_s, phases: {phase: {wall_s, cpu_s}}}
+    references: dict[str, Robustness]  # attacked only for comparison (e.g. the unpruned model)
+    gaps: list[dict[str, Any]]  # {kind, artifact, baseline, inputs, clean_pp, worst_pp, ...}
 
 
 class ArtifactEntry(TypedDict):
@@ -79,6 +126,11 @@ class ArtifactEntry(TypedDict):
     passed: bool | None
     recommended: bool
     notes: dict[str, str]
+    robustness: Robustness | None
+    #: batch-1 median of the report's reference / this artifact's (same run)
+    speedup: float | None
+    #: the sweep point the artifact belongs to (its tag), None outside a sweep
+    point: str | None
 
 
 class GateRow(TypedDict):
@@ -92,6 +144,8 @@ class GateRow(TypedDict):
     unit: str
     status: Literal["pass", "fail", "skip"]
     message: str
+    #: False for a failed gate that does not fail the run (validate's `require: chosen`)
+    required: NotRequired[bool]
 
 
 class Report(TypedDict, total=False):
@@ -113,3 +167,6 @@ class Report(TypedDict, total=False):
     stages: list[dict[str, Any]]
     curves: dict[str, list[dict[str, Any]]]
     bundle: dict[str, Any] | None
+    robustness: RobustnessSection | None
+    roofline: dict[str, Any] | None
+    front: dict[str, Any]

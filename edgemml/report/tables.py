@@ -56,6 +56,13 @@ def gate_table(report: Report) -> Table | None:
     return table
 
 
+def io_notes(report: Report) -> list[tuple[str, str]]:
+    """(artifact, how it was fed and read) for artifacts with integer input / output (a fully int8
+    .tflite): the report says that their figures went through the file's own scale / zero point."""
+    return [(a["name"], a["notes"]["io"]) for a in report.get("artifacts", [])
+            if (a.get("notes") or {}).get("io")]
+
+
 def artifact_table(report: Report) -> Table:
     table = Table(["artifact", "backend", "runs in", "top-1 %", "top-5 %", "agreement",
                    "max abs diff", "correlation", "p50 ms (b1)", "p90 ms (b1)", "img/s (batch)",
@@ -133,6 +140,90 @@ def rewrite_tables(report: Report) -> list[tuple[str, Table]]:
                     _num(lat.get("batch1_median_ms"))])
         out.append((line, table))
     return out
+
+
+def robust_columns(report: Report) -> dict[str, dict[str, Any]]:
+    """Artifact name -> its robustness entry, in report order, then the references attacked only
+    for comparison (the unpruned model)."""
+    cols = {a["name"]: a["robustness"] for a in report.get("artifacts", [])
+            if a.get("robustness")}
+    section = report.get("robustness") or {}
+    cols.update(section.get("references") or {})
+    return cols  # type: ignore[return-value]
+
+
+def _delta(drop: float | None) -> str:
+    """A drop below the reference as the signed difference a reader expects (-1.1 = lower)."""
+    return "" if drop is None or abs(drop) < 0.05 else f" ({-drop:+.1f})"
+
+
+def robustness_table(report: Report) -> Table | None:
+    """Top-1 per set (rows) and artifact (columns), the difference to its reference in brackets."""
+    cols = robust_columns(report)
+    if not cols:
+        return None
+    table = Table(["set", *cols], "l" + "r" * len(cols))
+    table.rows.append([Cell("crafted on", strong=True)] + [
+        Cell("white-box" if r.get("crafted_on") == name else
+             f"transfer from {r['crafted_on']}" if r.get("crafted_on") else "no gradients")
+        for name, r in cols.items()])
+    keys = list(dict.fromkeys(s["key"] for r in cols.values() for s in r["sets"]))
+    for key in keys:
+        row = [Cell(key, code=True)]
+        for r in cols.values():
+            s = next((s for s in r["sets"] if s["key"] == key), None)
+            top1 = None if s is None else s["top1_pct"]
+            row.append(Cell("-" if top1 is None else f"{top1:.1f}" + _delta(
+                s.get("drop_vs_reference_pp") if s is not None else None)))
+        table.rows.append(row)
+    return table
+
+
+def robustness_notes(report: Report) -> list[str]:
+    """The sentences that go with the robustness tables (Markdown and HTML alike)."""
+    section = report.get("robustness")
+    if not section:
+        return []
+    timing = section.get("timing") or {}
+    sets = section.get("sets") or []
+    adversarial = [s["key"] for s in sets if s["kind"] == "adversarial"]
+    notes = [f"Top-1 % of every artifact on {section.get('n')} samples under {len(sets) - 1} "
+             f"perturbed sets; in brackets the difference in points to the model it is compared "
+             f"with under the same attack or corruption (negative: lower). "
+             f"Measured in {fmt(timing.get('wall_s'))} s wall, {fmt(timing.get('cpu_s'))} s CPU."]
+    if adversarial:
+        notes.append(f"Adversarial sets ({', '.join(adversarial)}, untargeted, L-inf, in pixel "
+                     "units before normalisation, snapped to whole grey levels) are crafted "
+                     "white-box on each torch model and replayed on every artifact made from it: "
+                     "for ONNX / OpenVINO / int8 artifacts this is a transfer attack, a lower "
+                     "bound on what an attacker holding that graph could do.")
+    if section.get("table"):
+        notes.append(f"Corruptions use the {section['table']} severity constants (Hendrycks & "
+                     "Dietterich), applied to the 8-bit image at the model's input resolution.")
+    if section.get("references"):
+        names = ", ".join(section["references"])
+        notes.append(f"{names}: attacked for comparison only (the model the reference was "
+                     f"pruned from); the reference's brackets are its difference to it, each "
+                     f"attacked with its own white-box inputs.")
+    return notes
+
+
+def robustness_gap_table(report: Report) -> Table | None:
+    """int8 vs its fp32 twin, pruned vs unpruned: points lost on clean data and at worst."""
+    gaps = (report.get("robustness") or {}).get("gaps") or []
+    if not gaps:
+        return None
+    table = Table(["comparison", "artifact", "vs", "inputs", "drop on clean (pp)",
+                   "worst drop (pp)", "on"], "llllrrl")
+
+    def pp(value: float | None) -> Cell:
+        return Cell("-" if value is None else f"{value:.1f}")
+
+    for g in gaps:
+        table.rows.append([Cell(g["kind"]), Cell(g["artifact"], strong=True), Cell(g["baseline"]),
+                           Cell(g["inputs"]), pp(g.get("clean_pp")), pp(g.get("worst_pp")),
+                           Cell(g.get("worst_set") or "-", code=bool(g.get("worst_set")))])
+    return table
 
 
 # ---- renderers ------------------------------------------------------------------------------

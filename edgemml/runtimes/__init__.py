@@ -13,6 +13,7 @@ The module defines:
     FORMAT = "myformat"       # artifact format ("onnx", "openvino", ...): keys read <FORMAT>-<precision>
     EXTRA = "myextra" | None  # the pip extra that installs it (`pip install 'edgemml[myextra]'`)
     MODULES = ("mylib",)      # what must be importable (missing() turns their absence into a hint)
+    EXPORT_MODULES = ()       # optional: what converting a model into this format needs besides
     HAS_EXACT_MODE = False    # True when deployment may compute in a lower precision than stored
                               # (OpenVINO's bf16): validate then also runs it with exact=True
     def claims(path) -> bool                       # is this file / folder one of mine
@@ -39,6 +40,8 @@ BACKENDS: dict[str, str] = {
     "torch": "edgemml.runtimes.torch",
     "onnxruntime": "edgemml.runtimes.onnxruntime",
     "openvino": "edgemml.runtimes.openvino",
+    "executorch": "edgemml.runtimes.executorch",
+    "litert": "edgemml.runtimes.litert",
 }
 
 
@@ -71,14 +74,17 @@ def detect(path: Path) -> ModuleType:
         if module.claims(path):
             return module
     raise InputError(f"cannot tell what {path} is", file=path,
-                     hint="give an .onnx file, an OpenVINO folder (model.xml + model.bin) or an "
-                          "edgemml model folder (model.json + model.safetensors)")
+                     hint="give an .onnx file, an OpenVINO folder (model.xml + model.bin), an "
+                          "ExecuTorch .pte, a LiteRT .tflite or an edgemml model folder "
+                          "(model.json + model.safetensors)")
 
 
-def missing(name: str) -> str | None:
-    """None when a backend's libraries are importable, else the pip command that installs them."""
+def missing(name: str, *, export: bool = False) -> str | None:
+    """None when a backend's libraries are importable (with `export`, also those that convert a
+    model into its format), else the pip command that installs them."""
     module = backend(name)
-    absent = [m for m in module.MODULES if importlib.util.find_spec(m) is None]
+    wanted = [*module.MODULES, *(getattr(module, "EXPORT_MODULES", ()) if export else ())]
+    absent = [m for m in wanted if importlib.util.find_spec(m) is None]
     if not absent:
         return None
     extra = module.EXTRA
@@ -88,8 +94,14 @@ def missing(name: str) -> str | None:
 
 def open_artifact(path: Path, *, threads: int | None, exact: bool = False,
                   name: str | None = None) -> Runner:
-    """Open any artifact edgemml knows with its own runtime."""
-    return detect(path).open(Path(path), threads=threads, exact=exact, name=name)
+    """Open any artifact edgemml knows with its own runtime (an optional runtime that is not
+    installed is an InputError naming the pip command, not an ImportError)."""
+    module = detect(path)
+    hint = missing(module.NAME)
+    if hint:
+        raise InputError(f"{Path(path).name} needs the {module.NAME} runtime, which is not "
+                         f"installed", file=path, hint=hint)
+    return module.open(Path(path), threads=threads, exact=exact, name=name)
 
 
 def artifact_files(path: Path) -> list[Path]:

@@ -71,6 +71,10 @@ class PruneJob:
         self.top1_before = self.top1(self.model)
         self.teacher = self.original if (config.distill and config.recover is not None) else None
         self.steps: list[dict[str, Any]] = []
+        #: a latency target's chosen candidate: the one-step search result, already measured
+        self.preset: Any = None
+        #: the latency target's section of prune.json (set by _prune_latency.LatencySearch)
+        self.latency_target: Any = None
 
     def _kept_whole(self) -> dict[str, str]:
         """What is never pruned: the user's patterns and what cannot be recorded safely."""
@@ -99,6 +103,8 @@ class PruneJob:
         from edgemml import pruning
 
         config = self.config
+        if self.preset is not None and config.steps == 1:
+            return self.preset
         with self.ctx.progress(f"prune step {k}/{config.steps}: search",
                                config.max_iterations * 2) as bar:
             try:
@@ -198,6 +204,7 @@ class PruneJob:
         self.model.eval()
         size0, size1 = self.size0, pruning.measure(self.model, self.example, self.channel_layers)
         latency = self.latency()
+        search = self.latency_target.report() if self.latency_target is not None else None
         last = self.steps[-1]
         pruned = last["top1_pct_after_pruning"]
         final = last.get("top1_pct_after_recovery", pruned)
@@ -211,6 +218,7 @@ class PruneJob:
         out = common.save_model_output(ctx, self.model, spec)
         _check_reload(self.model, out, self.example, ctx.name)
         report = self._report(size1, latency, pruned, final)
+        report["latency_target"] = search
         report_path = common.write_json(ctx, "prune.json", report)
         for k in range(1, config.steps + 1):
             shutil.rmtree(ctx.work_dir / f"recover-{k}", ignore_errors=True)
@@ -220,6 +228,13 @@ class PruneJob:
                       f"{size1.params / 1e6:.2f}M")
         ctx.highlight(f"val accuracy {_pct(self.top1_before)} -> {_pct(pruned)} pruned -> "
                       f"{_pct(final)} recovered")
+        if search is not None and search["final"] is not None:
+            f = search["final"]
+            ctx.highlight(f"latency target {search['goal']['text']}: the recovered model takes "
+                          f"{f['latency_ms']:.3f} ms as {search['artifact']} "
+                          f"({f['speedup_over_torch']:.1f}x torch fp32; "
+                          f"{'met' if f['meets_goal'] else 'MISSED'}) after "
+                          f"{len(search['search']['probes'])} candidates")
         if latency is not None:
             ctx.highlight(f"torch CPU latency (batch {latency['batch_size']}, "
                           f"{latency['threads']} thread(s)): {latency['before']['median_ms']:.2f}"
@@ -232,7 +247,8 @@ class PruneJob:
                    top1_pct_after_recovery=report["top1_pct"]["after_recovery"],
                    latency_before_ms=latency["before"]["median_ms"] if latency else None,
                    latency_after_ms=latency["after"]["median_ms"] if latency else None,
-                   latency_speedup=latency["speedup"] if latency else None)
+                   latency_speedup=latency["speedup"] if latency else None,
+                   **_latency_metrics(search))
         return {"model": out, "report": report_path}
 
     def _report(self, size1: Any, latency: dict[str, Any] | None, pruned: float | None,
@@ -268,6 +284,16 @@ class PruneJob:
                        for n, b in self.layers_before.items()},
             "steps": self.steps,
         }
+
+
+def _latency_metrics(search: dict[str, Any] | None) -> dict[str, Any]:
+    if search is None or search["final"] is None:
+        return {}
+    f = search["final"]
+    return {"latency_goal_ms": search["goal"]["ms"], "latency_target_ms": f["latency_ms"],
+            "latency_target_met": f["meets_goal"],
+            "latency_target_speedup_over_torch": f["speedup_over_torch"],
+            "latency_target_probes": len(search["search"]["probes"])}
 
 
 def _taylor_grads(train_set: Any, config: PruneConfig, seed: int) -> Any:

@@ -120,6 +120,23 @@ class _Planner:
         self.model_stages = [o for o in self.stages if o.get("model") is not None]
         self.refs: dict[str, tuple[Subject, Any]] = {}
         self.inputs = {stage_name(c): c.input for c in ctx.pipeline.stages}
+        self.sweep_source = self._sweep_source()
+
+    def _sweep_source(self) -> str | None:
+        """With a sweep, the model every branch starts from (e.g. the unpruned one) is the primary
+        reference: the front compares every point with it. None without a sweep."""
+        for sweep in getattr(self.ctx.pipeline, "sweeps", []):
+            first = sweep.points[0].names[sweep.stage]
+            cfg = next((c for c in self.ctx.pipeline.stages if (c.name or c.type) == first), None)
+            source = cfg.input if cfg is not None else None
+            if source is not None and any(o.name == source for o in self.model_stages):
+                return source
+        return None
+
+    def ref_name(self, stage: str) -> str:
+        last = self.model_stages[-1].name
+        primary = self.sweep_source or last
+        return "torch" if stage == primary else f"torch@{stage}"
 
     def ref_for(self, name: str) -> str:
         """The torch model an artifact was made from: the model stage its stage names as `input:`
@@ -130,7 +147,7 @@ class _Planner:
         if not src:
             return self.plan.primary or ""
         o = src[-1]
-        name = "torch" if o is self.model_stages[-1] else f"torch@{o.name}"
+        name = self.ref_name(o.name)
         if name not in self.refs:
             self.refs[name] = _torch_subject(name, o["model"], o.name)
         return name
@@ -152,7 +169,7 @@ class _Planner:
                 self.plan.primary = "torch"
                 return "torch"
         elif self.model_stages:
-            self.plan.primary = self.ref_for(self.model_stages[-1].name)
+            self.plan.primary = self.ref_for(self.sweep_source or self.model_stages[-1].name)
         return None
 
     def stage_artifacts(self, explicit: str | None) -> list[Subject]:

@@ -177,6 +177,13 @@ class Stage(ABC, Generic[C]):
         fingerprint by content, so editing a data file re-runs the stage."""
         return []
 
+    @classmethod
+    def fingerprint_extra(cls, config: C, pipeline: LoadedPipeline) -> dict[str, Any]:
+        """Values that define the result but are neither config nor files hashed by content: e.g.
+        the public key id of the key export signs with (a private key must never be recorded,
+        not even as a hash). Empty for most stages; recorded in stage.json."""
+        return {}
+
     @abstractmethod
     def run(self, ctx: StageContext, config: C) -> dict[str, Path]:
         """Do the work, write into ctx.work_dir, return {output key: path inside work_dir}."""

@@ -1,8 +1,11 @@
-"""export: the input model as ONNX and OpenVINO IR, each checked against torch on real samples, plus
-the deployable bundle (folder and .tar.gz) with the int8 models of an earlier quantize stage.
+"""export: the input model as ONNX, OpenVINO IR and (optionally) ExecuTorch .pte and LiteRT .tflite,
+each checked against torch on real samples, plus the deployable bundle (folder and .tar.gz) with the
+int8 models of an earlier quantize stage (which owns every int8 file: see stages/quantize.py).
 
 Outputs: onnx-fp32 (model.fp32.onnx), onnx-fp16 (when fp16: true), openvino-fp32 or openvino-fp16
-(folder with model.xml/.bin), bundle (folder), bundle_archive (bundle.tar.gz), report (export.json).
+(folder with model.xml/.bin), executorch-fp32 (model.fp32.pte), litert-fp32 (model.fp32.tflite),
+bundle (folder), bundle_archive (bundle.tar.gz), report (export.json). The embedded part is in
+_export_embedded.py.
 A conversion whose outputs differ from torch by more than the tolerance is an error, not a warning.
 Every converted model is run right after conversion, through the runtime layer, on real validation
 samples; OpenVINO models with INFERENCE_PRECISION_HINT=f32, and the precision the runtime reports is
@@ -17,12 +20,15 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from edgemml.config import (STAGE_NAME_RE, DataConfig, LoadedPipeline, PreprocessConfig,
                             StageConfig, StrictModel)
 from edgemml.errors import ArtifactError, InputError, StageError
 from edgemml.exporters.options import OnnxOptions
+from edgemml.stages._export_convert import convert, outputs_of
+from edgemml.stages._export_embedded import EmbeddedExportOptions
+from edgemml.stages._quantize_embedded import EMBEDDED, check_extras
 from edgemml.stages.base import Stage, StageContext, StageOutputs
 from edgemml.stages.common import (check_channels, load_input_model, load_stage_data,
                                    model_preprocess, stage_data_files, write_json)
@@ -30,15 +36,15 @@ from edgemml.stages.common import (check_channels, load_input_model, load_stage_
 if TYPE_CHECKING:
     import numpy as np
 
-FP32_ONNX = "model.fp32.onnx"
-FP16_ONNX = "model.fp16.onnx"
 BUNDLE = "bundle"
 ARCHIVE = "bundle.tar.gz"
 #: artifacts shipped by default, in this order (fp16 ones only when listed in bundle.include)
-DEFAULT_INCLUDE = ("onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8")
+DEFAULT_INCLUDE = ("onnx-fp32", "onnx-int8", "openvino-fp32", "openvino-int8", "executorch-fp32",
+                   "executorch-int8", "litert-fp32", "litert-int8")
 
 ArtifactKey = Literal["onnx-fp32", "onnx-fp16", "onnx-int8", "openvino-fp32", "openvino-fp16",
-                      "openvino-int8"]
+                      "openvino-int8", "executorch-fp32", "executorch-int8", "litert-fp32",
+                      "litert-int8"]
 
 
 class OpenVinoExportOptions(StrictModel):
@@ -50,6 +56,14 @@ class OpenVinoExportOptions(StrictModel):
     source: Literal["onnx", "torch"] = Field(
         "onnx", description="Convert from the exported ONNX file (same graph and names as the "
         "ONNX artifact) or from the torch module directly.")
+
+
+class SignOptions(StrictModel):
+    """Sign the bundle: an ed25519 signature over manifest.json, whose table pins every file."""
+
+    key: Path = Field(..., description="ed25519 private key, PKCS#8 PEM (relative to the pipeline "
+                      "file; make one with `edgemml keygen KEY.pem`; passphrase, if any, from "
+                      "EDGEMML_SIGN_PASSPHRASE). Only its public key id enters stage.json.")
 
 
 class BundleOptions(StrictModel):
@@ -64,6 +78,10 @@ class BundleOptions(StrictModel):
     samples: int = Field(8, ge=0, le=1000, description="Held-out images shipped in samples/ with "
                          "the pipeline's predictions (for predict.py --self-check).")
     archive: bool = Field(True, description="Also write bundle.tar.gz.")
+    sign: SignOptions | None = Field(
+        None, description="Sign the bundle (manifest.sig); check it with `edgemml verify BUNDLE "
+        "--key KEY.pub.pem` or `predict.py --verify-key KEY.pub.pem`. Only the bundle is signed, "
+        "not the stage's other outputs.")
 
 
 class ExportConfig(StageConfig):
@@ -75,6 +93,12 @@ class ExportConfig(StageConfig):
                        "fp32 inputs/outputs).")
     openvino: OpenVinoExportOptions = Field(default_factory=OpenVinoExportOptions,
                                             description="OpenVINO IR options.")
+    executorch: EmbeddedExportOptions = Field(
+        default_factory=EmbeddedExportOptions, description="ExecuTorch .pte lowered to XNNPACK "
+        "(pip install 'edgemml[executorch]').")
+    litert: EmbeddedExportOptions = Field(
+        default_factory=EmbeddedExportOptions, description="LiteRT .tflite "
+        "(pip install 'edgemml[litert]').")
     quantized: str = Field(
         "auto", description="Quantize stage whose int8 models go into the bundle: its name, auto "
         "(the nearest earlier quantize stage, if any) or none.")
@@ -87,6 +111,13 @@ class ExportConfig(StageConfig):
     data: DataConfig | None = Field(None, description="Data (merged over the pipeline's).")
     preprocess: PreprocessConfig | None = Field(
         None, description="Preprocessing when the input model does not record its own.")
+
+    @field_validator("executorch", "litert")
+    @classmethod
+    def _extras(cls, value: EmbeddedExportOptions, info: ValidationInfo) -> EmbeddedExportOptions:
+        if value.enabled:
+            check_extras([str(info.field_name)], f"set {info.field_name}: {{enabled: false}}")
+        return value
 
     @field_validator("quantized")
     @classmethod
@@ -101,11 +132,18 @@ class ExportStage(Stage[ExportConfig]):
 
     type = "export"
     Config = ExportConfig
-    provides = ("onnx-fp32", "onnx-fp16", "openvino-fp32", "openvino-fp16", "bundle",
-                "bundle_archive", "report")
-    requires = ("torch", "onnx", "onnxruntime", "openvino", "onnxscript", "onnxslim", "onnxsim")
+    provides = ("onnx-fp32", "onnx-fp16", "openvino-fp32", "openvino-fp16", "executorch-fp32",
+                "litert-fp32", "bundle", "bundle_archive", "report")
+    requires = ("torch", "onnx", "onnxruntime", "openvino", "onnxscript", "onnxslim", "onnxsim",
+                "executorch", "torchao", "litert-torch", "ai-edge-litert")
     #: `quantized: auto` picks the nearest earlier quantize stage, which only the run knows
     reads_all_earlier = True
+
+    @classmethod
+    def reads_all_earlier_for(cls, config: ExportConfig) -> bool:
+        """Only `quantized: auto` needs every earlier stage; a named quantize stage (e.g. a sweep
+        branch's own) is a plain reference, so another branch's changes do not re-run this one."""
+        return config.quantized == "auto"
 
     @classmethod
     def references(cls, config: ExportConfig) -> list[tuple[str, str]]:
@@ -117,6 +155,20 @@ class ExportStage(Stage[ExportConfig]):
     @classmethod
     def data_files(cls, config: ExportConfig, pipeline: LoadedPipeline) -> list[Path]:
         return stage_data_files(config, pipeline)
+
+    @classmethod
+    def fingerprint_extra(cls, config: ExportConfig, pipeline: LoadedPipeline) -> dict[str, Any]:
+        """The signing key enters the fingerprint by its public key id: another key re-signs the
+        bundle, and stage.json never holds the private key's bytes nor a hash of them."""
+        if config.bundle.sign is None:
+            return {}
+        from edgemml.errors import EdgemmlError
+        from edgemml.exporters.signing import signing_key_id
+
+        try:
+            return {"sign_key_id": signing_key_id(pipeline.resolve_path(config.bundle.sign.key))}
+        except EdgemmlError:  # missing or unreadable: the run says why, with the fix
+            return {"sign_key_id": "unreadable"}
 
     def run(self, ctx: StageContext, config: ExportConfig) -> dict[str, Path]:
         from edgemml import runtimes
@@ -133,7 +185,7 @@ class ExportStage(Stage[ExportConfig]):
         pool = data.val if len(data.val) else (data.test if len(data.test) else data.train)
         x, _ = as_arrays(pool, evenly_spaced(len(pool), config.parity_samples))
         ref = runtimes.backend("torch").logits(model, x)
-        arts, exp = _convert(ctx, config, model, x, ref)
+        arts, exp = convert(ctx, config, model, x, ref)
         arts.update(_int8_artifacts(ctx, config, x, ref))
         outputs = {key: art["_path"] for key, art in arts.items() if art.get("source_stage") is None}
         report: dict[str, Any] = {
@@ -145,7 +197,7 @@ class ExportStage(Stage[ExportConfig]):
             data.test if len(data.test) else pool)
         outputs["bundle"] = bundle
         report["bundle"] = {"models": [m["file"] for m in models], "default_model": default,
-                            "samples": n_samples}
+                            "samples": n_samples, "signed_by": _sign(ctx, config, bundle)}
         if config.bundle.archive:
             from edgemml.exporters.bundle import write_archive
 
@@ -157,102 +209,32 @@ class ExportStage(Stage[ExportConfig]):
         ctx.highlight(f"bundle: {ctx.final_dir / BUNDLE} ({len(models)} models, default "
                       f"{default}); check it with: python {ctx.final_dir / BUNDLE}/predict.py "
                       f"--self-check")
+        if config.bundle.sign is not None:
+            from edgemml.exporters.signing import public_key_path
+
+            ctx.highlight(f"bundle signed by {report['bundle']['signed_by']}; verify it with: "
+                          f"edgemml verify {ctx.final_dir / BUNDLE} --key "
+                          f"{public_key_path(ctx.resolve(config.bundle.sign.key))}")
         return outputs
 
 
-def _check(name: str, ref: np.ndarray, out: np.ndarray, tolerance: float) -> dict[str, Any]:
-    from edgemml.metrics import check_parity
+def _sign(ctx: StageContext, config: ExportConfig, bundle: Path) -> str | None:
+    """manifest.sig, written after manifest.json and before the archive (which then carries it).
+    Returns the public key id, or None when the bundle is not signed."""
+    if config.bundle.sign is None:
+        return None
+    from edgemml.exporters.signing import sign_bundle, signing_key_id
 
-    result = check_parity(ref, out, tolerance=tolerance)
-    if not result.ok:
-        raise StageError(
-            f"{name} differs from torch: max abs diff {result.max_abs_diff:.3g} = "
-            f"{result.rel_diff:.3g} of the output scale {result.output_scale:.3g} (tolerance "
-            f"{tolerance:g}); top-1 agreement {result.top1_agreement:.1%} on {result.samples} "
-            f"samples",
-            hint="try onnx.exporter: torchscript (or dynamo), another opset, or slim: none")
-    return result.as_dict()
-
-
-def _outputs_of(path: Path, x: np.ndarray, *, exact: bool = True) -> tuple[np.ndarray, str]:
-    """Outputs of an artifact on x (all cores: only the values matter here) and the precision its
-    runtime computed them in."""
-    from edgemml import runtimes
-
-    runner = runtimes.open_artifact(path, threads=None, exact=exact)
-    return runtimes.predict(runner, x), runner.precision
-
-
-def _ov_parity(name: str, folder: Path, x: np.ndarray, ref: np.ndarray,
-               tolerance: float) -> dict[str, Any]:
-    from edgemml.metrics import check_parity
-
-    out, precision = _outputs_of(folder, x)
-    checks = _check(f"{name} (OpenVINO, {precision})", ref, out, tolerance)
-    checks["inference_precision"] = precision
-    out, default_precision = _outputs_of(folder, x, exact=False)
-    info = check_parity(ref, out, tolerance=tolerance).as_dict()
-    checks["default_hint"] = {"inference_precision": default_precision,
-                              "rel_diff": info["rel_diff"], "max_abs_diff": info["max_abs_diff"],
-                              "top1_agreement": info["top1_agreement"]}
-    return checks
-
-
-def _convert(ctx: StageContext, config: ExportConfig, model: Any, x: np.ndarray,
-             ref: np.ndarray) -> tuple[dict[str, dict[str, Any]], Any]:
-    """fp32 ONNX (and fp16 ONNX, OpenVINO IR), each checked against torch on x."""
-    import torch
-
-    from edgemml.exporters.onnx import (check_onnx, convert_fp16, export_onnx, io_signature,
-                                        slim_onnx)
-    from edgemml.exporters.openvino import IR_XML, convert_to_ir, ir_signature
-
-    arts: dict[str, dict[str, Any]] = {}
-    fp32 = ctx.work_dir / FP32_ONNX
-    exp = export_onnx(model, torch.from_numpy(x[:2]), fp32, opset=config.onnx.opset,
-                      exporter=config.onnx.exporter, input_name=config.onnx.input_name,
-                      output_name=config.onnx.output_name, dynamic_batch=config.onnx.dynamic_batch,
-                      log=ctx.log)
-    exp.slimmed_with = slim_onnx(fp32, config.slim)
-    check_onnx(fp32)
-    parity = _check(FP32_ONNX, ref, _outputs_of(fp32, x)[0], config.tolerance)
-    ctx.log(f"onnx-fp32: opset {exp.opset} via {exp.exporter}"
-            f"{', slimmed with ' + exp.slimmed_with if exp.slimmed_with else ''}; max abs diff vs "
-            f"torch {parity['max_abs_diff']:.3g} ({parity['rel_diff']:.2g} of scale) on "
-            f"{parity['samples']} samples")
-    arts["onnx-fp32"] = {"file": FP32_ONNX, "files": [FP32_ONNX], "format": "onnx",
-                         "precision": "fp32", "runtime": "onnxruntime", "export": exp.as_dict(),
-                         "checks": {"parity_vs_torch": parity}, **io_signature(fp32),
-                         "_path": fp32}
-    if config.fp16:
-        fp16 = ctx.work_dir / FP16_ONNX
-        convert_fp16(fp32, fp16)
-        check_onnx(fp16)
-        p16 = _check(FP16_ONNX, ref, _outputs_of(fp16, x)[0], config.fp16_tolerance)
-        arts["onnx-fp16"] = {"file": FP16_ONNX, "files": [FP16_ONNX], "format": "onnx",
-                             "precision": "fp16", "runtime": "onnxruntime",
-                             "checks": {"parity_vs_torch": p16}, **io_signature(fp16),
-                             "_path": fp16}
-    if config.openvino.enabled:
-        w = config.openvino.weights
-        key = f"openvino-{w}"
-        folder = ctx.work_dir / key
-        ir = convert_to_ir(fp32 if config.openvino.source == "onnx" else model, folder,
-                           example=torch.from_numpy(x[:2]), weights=w,
-                           input_name=config.onnx.input_name, output_name=config.onnx.output_name,
-                           dynamic_batch=config.onnx.dynamic_batch)
-        checks = _ov_parity(key, folder, x, ref,
-                            config.tolerance if w == "fp32" else config.fp16_tolerance)
-        ctx.log(f"{key}: from {ir.source}, runs in {checks['inference_precision']}: max abs diff vs "
-                f"torch {checks['max_abs_diff']:.3g}; with OpenVINO's default precision "
-                f"({checks['default_hint']['inference_precision']}) it would be "
-                f"{checks['default_hint']['max_abs_diff']:.3g}")
-        arts[key] = {"file": f"{key}/{IR_XML}", "files": [f"{key}/{IR_XML}", f"{key}/model.bin"],
-                     "format": "openvino", "precision": w, "runtime": "openvino",
-                     "inference_precision": checks["inference_precision"], "export": ir.as_dict(),
-                     "checks": {"parity_vs_torch": checks}, **ir_signature(folder),
-                     "_path": folder}
-    return arts, exp
+    key = ctx.resolve(config.bundle.sign.key)
+    try:
+        kid = signing_key_id(key)
+    except InputError as exc:
+        raise InputError(exc.message, file=exc.file, key="bundle.sign.key",
+                         hint=exc.hint if exc.hint and "keygen" not in exc.hint else
+                         f"make a key pair with: edgemml keygen {key}") from None
+    sign_bundle(bundle, key)
+    ctx.log(f"bundle signed with key {kid}")
+    return kid
 
 
 def _quantize_stage(ctx: StageContext, config: ExportConfig) -> StageOutputs | None:
@@ -281,7 +263,10 @@ def _int8_artifacts(ctx: StageContext, config: ExportConfig, x: np.ndarray,
         return {}
     qreport = json.loads(quant["report"].read_text()) if quant.get("report") else {}
     arts: dict[str, dict[str, Any]] = {}
-    for key, backend in (("onnx-int8", "onnxruntime"), ("openvino-int8", "openvino")):
+    from edgemml.stages._export_embedded import entry as embedded_entry
+
+    for key, backend in (("onnx-int8", "onnxruntime"), ("openvino-int8", "openvino"),
+                         *((f"{t}-int8", t) for t in EMBEDDED)):
         path = quant.get(key)
         if path is None:
             continue
@@ -289,10 +274,13 @@ def _int8_artifacts(ctx: StageContext, config: ExportConfig, x: np.ndarray,
         checks: dict[str, Any] = {"quantize_report": {
             k: res.get(k) for k in ("top1_pct", "accuracy_drop_pp", "top1_agreement_with_fp32",
                                     "float_layers")}}
-        out, precision = _outputs_of(path, x)
+        out, precision = outputs_of(path, x)
         if key == "onnx-int8":
             entry = {"file": "model.int8.onnx", "files": ["model.int8.onnx"], "format": "onnx",
                      "runtime": "onnxruntime", **io_signature(path)}
+        elif backend in EMBEDDED:
+            entry = embedded_entry(key, path)
+            checks["quantize_report"]["io_note"] = res.get("io_note")
         else:
             entry = {"file": f"{key}/{IR_XML}", "files": [f"{key}/{IR_XML}", f"{key}/model.bin"],
                      "format": "openvino", "runtime": "openvino", "inference_precision": precision,
@@ -342,8 +330,8 @@ def _assemble_bundle(ctx: StageContext, config: ExportConfig, arts: dict[str, di
 def _versions() -> dict[str, str | None]:
     from edgemml.machine import versions
 
-    return versions(("edgemml", "torch", "onnx", "onnxruntime", "openvino", "nncf", "numpy",
-                     "pillow"))
+    return versions(("edgemml", "torch", "onnx", "onnxruntime", "openvino", "nncf", "executorch",
+                     "litert-torch", "ai-edge-litert", "numpy", "pillow"))
 
 
 def _write_samples(bundle: Path, dataset: Any, n: int, classes: list[str],
@@ -369,7 +357,7 @@ def _write_samples(bundle: Path, dataset: Any, n: int, classes: list[str],
         dataset.raw_image(i).save(bundle / name, format="PNG")
         samples.append({"file": name, "label": label or None, "predictions": {}})
     for m in models:
-        logits, _ = _outputs_of(bundle / m["file"], x)
+        logits, _ = outputs_of(bundle / m["file"], x)
         for s, k in zip(samples, logits.argmax(1).tolist()):
             s["predictions"][m["file"]] = classes[k]
     return samples

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from edgemml.config import LoadedPipeline
 
 
+TARGETS = ("target_macs", "target_params", "channel_sparsity", "target_latency_ms",
+           "target_speedup")
+
+
 class LatencyConfig(StrictModel):
     """Torch CPU latency of the input and the pruned model, timed interleaved in one run."""
 
@@ -37,8 +41,41 @@ class LatencyConfig(StrictModel):
     repeats: int = Field(50, ge=1, description="Timed calls per model (median reported).")
 
 
+class LatencyTargetConfig(StrictModel):
+    """What a latency target refers to, and how candidates are measured (target_latency_ms or
+    target_speedup)."""
+
+    artifact: Literal["onnx-int8", "openvino-int8", "onnx-fp32", "openvino-fp32", "torch"] = Field(
+        "onnx-int8", description="The deployed artifact whose latency the target is: each "
+        "candidate is converted to it (int8: calibrated on calibration_samples) and timed.")
+    speedup_over: Literal["torch", "input"] = Field(
+        "torch", description="target_speedup is relative to: torch (the input model in torch fp32 "
+        "eager) or input (the input model as the same artifact, i.e. what pruning alone gains).")
+    threads: int = Field(1, ge=1, description="Threads of the runtime while timing (use the "
+                         "validate stage's).")
+    batch: int = Field(1, ge=1, description="Batch size of the timed calls.")
+    calibration_samples: int = Field(16, ge=1, description="Train samples calibrating each "
+                                     "candidate's quick int8 conversion (latency does not depend "
+                                     "on how well ranges are calibrated).")
+    warmup: int = Field(5, ge=0, description="Untimed calls per candidate and anchor.")
+    runs: int = Field(30, ge=3, description="Timed calls per candidate (and as many of the anchor, "
+                      "interleaved).")
+    rounds: int = Field(5, ge=1, description="Interleaved rounds the timed calls are split into.")
+    margin: float = Field(0.05, ge=0, lt=0.5, description="Aim this fraction under the target, so "
+                          "that timing noise cannot push the chosen artifact over it.")
+    resolution: float = Field(0.02, gt=0, lt=0.5, description="Stop bisecting the channel ratio "
+                              "when the interval is this narrow.")
+    max_probes: int = Field(10, ge=2, description="At most this many candidates are measured.")
+    accuracy: bool = Field(True, description="Also measure each candidate's val top-1 after "
+                           "BatchNorm re-estimation (before recovery), for the trajectory.")
+    exporter: Literal["auto", "dynamo", "torchscript"] = Field(
+        "auto", description="ONNX exporter of the candidates (auto: as the quantize stage).")
+    opset: int = Field(18, ge=11, le=23, description="ONNX opset of the candidates.")
+
+
 class PruneConfig(StageConfig):
-    """Options of the prune stage (give exactly one of target_macs, target_params, channel_sparsity)."""
+    """Options of the prune stage (give exactly one of target_macs, target_params,
+    channel_sparsity, target_latency_ms, target_speedup)."""
 
     type: Literal["prune"]
     target_macs: float | None = Field(None, gt=0, lt=1, description="Fraction of the input model's "
@@ -47,6 +84,18 @@ class PruneConfig(StageConfig):
                                         "model's parameters to keep.")
     channel_sparsity: float | None = Field(None, gt=0, lt=1, description="Fraction of the output "
                                            "channels of prunable Conv/Linear layers to remove.")
+    target_latency_ms: float | None = Field(
+        None, gt=0, description="Latency budget in ms of the deployed artifact (latency_target: "
+        "which artifact, threads, batch), measured on this machine: the smallest pruning ratio "
+        "that meets it is searched by timing each candidate. Machine-specific: the machine is "
+        "recorded in prune.json.")
+    target_speedup: float | None = Field(
+        None, gt=1, description="Latency budget as a speed-up (e.g. 12: 1/12 of the latency) of "
+        "the deployed artifact over latency_target.speedup_over, measured in the same run: "
+        "portable across machines, unlike target_latency_ms.")
+    latency_target: LatencyTargetConfig = Field(
+        default_factory=LatencyTargetConfig, description="The artifact a latency target refers "
+        "to and how candidates are timed.")
     tolerance: float = Field(0.02, gt=0, lt=0.5, description="Accepted absolute distance of the kept "
                              "fraction from the target (0.02: 0.48..0.52 for a 0.5 target).")
     importance: Literal["l1", "l2", "bn_scale", "taylor"] = Field(
@@ -84,15 +133,30 @@ class PruneConfig(StageConfig):
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
-        given = [k for k in ("target_macs", "target_params", "channel_sparsity")
-                 if getattr(self, k) is not None]
+        given = [k for k in TARGETS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of target_macs, target_params, channel_sparsity"
+            raise ValueError(f"give exactly one of {', '.join(TARGETS)}"
                              + (f" (got {', '.join(given)})" if given else ""))
+        if (self.target_speedup is not None and self.latency_target.speedup_over == "torch"
+                and self.latency_target.artifact == "torch"):
+            raise ValueError("target_speedup over torch of a torch artifact: use "
+                             "latency_target.speedup_over: input")
         return self
 
+    def latency_goal(self) -> tuple[str, float] | None:
+        """("ms", budget) or ("speedup", factor) for a latency target, else None."""
+        if self.target_latency_ms is not None:
+            return "ms", self.target_latency_ms
+        if self.target_speedup is not None:
+            return "speedup", self.target_speedup
+        return None
+
     def target(self) -> tuple[str, float]:
-        """(metric, fraction to keep)."""
+        """(metric, fraction to keep); for a latency target ("latency", the budget), which the
+        latency search replaces by the MACs fraction it found."""
+        goal = self.latency_goal()
+        if goal is not None:
+            return "latency", goal[1]
         if self.target_macs is not None:
             return "macs", self.target_macs
         if self.target_params is not None:
@@ -117,8 +181,16 @@ class PruneStage(Stage[PruneConfig]):
         from edgemml.stages._prune import PruneJob
 
         job = PruneJob(ctx, config)
+        search = None
+        if config.latency_goal() is not None:
+            from edgemml.stages._prune_latency import LatencySearch
+
+            search = job.latency_target = LatencySearch(job)
+            search.run()  # sets job.metric, job.keep (and job.preset for one step)
         for k in range(1, config.steps + 1):
             job.step(k)
+        if search is not None:
+            search.verify()  # the recovered model, measured as deployed
         return job.finish()
 
 

@@ -1,5 +1,5 @@
-"""quantize: post-training int8 of the input model for ONNX Runtime and/or OpenVINO, within an
-accuracy budget.
+"""quantize: post-training int8 of the input model for ONNX Runtime, OpenVINO, ExecuTorch and/or
+LiteRT, within an accuracy budget.
 
 Defaults are the fast and accurate recipe for the CPU it runs on (uint8 activations x int8
 per-channel weights on x86 with VNNI; see edgemml/quantization/cpu.py), and the choice is reported.
@@ -7,10 +7,19 @@ Accuracy fp32 vs int8 is measured on the validation split. With `max_accuracy_dr
 misses the budget gets its most sensitive layers kept in float, the fewest that meet it; when no
 allowed number does, the stage fails with the figures.
 
-Outputs: onnx-int8 (model.int8.onnx), openvino-int8 (folder with model.xml/.bin), report
-(quantize.json). The libraries do the work (edgemml.quantization.ort / .ov, through the runtime
-layer); this module decides what to do and reports it. torch, onnxruntime and openvino are imported
-inside `run`, not when a pipeline file is validated.
+Why this stage, not export, owns the int8 .pte and .tflite files: an int8 file is the product of
+calibration and of the budget search, and both live here: the same calibration samples (one
+`calibration:` section), the same validation split, fp32 reference and `max_accuracy_drop` /
+`max_float_layers` for every backend, so the four int8 artifacts of a run are comparable and one
+budget means one thing. Export stays a conversion of the fp32 model (it writes the fp32 .pte and
+.tflite, checked against torch) plus the bundle, into which it copies this stage's int8 files as it
+does the ONNX and OpenVINO ones. The embedded glue is in _quantize_embedded.py.
+
+Outputs: onnx-int8 (model.int8.onnx), openvino-int8 (folder with model.xml/.bin), executorch-int8
+(model.int8.pte), litert-int8 (model.int8.tflite), report (quantize.json). The libraries do the work
+(edgemml.quantization.ort / .ov / .pt2e and edgemml.exporters.executorch / .litert, through the
+runtime layer); this module decides what to do and reports it. torch, onnxruntime, openvino,
+executorch and litert are imported inside `run`, not when a pipeline file is validated.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from pydantic import Field, field_validator
 from edgemml.config import DataConfig, LoadedPipeline, PreprocessConfig, StageConfig, StrictModel
 from edgemml.errors import InputError, StageError
 from edgemml.exporters.options import OnnxOptions
+from edgemml.stages._quantize_embedded import (EMBEDDED, Pt2eOptions, check_extras,
+                                               quantize_embedded)
 from edgemml.stages.base import Stage, StageContext
 from edgemml.stages.common import (check_channels, load_input_model, load_stage_data,
                                    model_preprocess, stage_data_files, write_json)
@@ -77,14 +88,19 @@ class OvOptions(StrictModel):
 
 class QuantizeConfig(StageConfig):
     type: Literal["quantize"]
-    backends: list[Literal["onnxruntime", "openvino"]] = Field(
-        ["onnxruntime", "openvino"], min_length=1, description="Runtimes to produce int8 models for.")
+    backends: list[Literal["onnxruntime", "openvino", "executorch", "litert"]] = Field(
+        ["onnxruntime", "openvino"], min_length=1, description="Runtimes to produce int8 models "
+        "for; executorch (.pte, XNNPACK) and litert (.tflite) need their pip extras.")
     target: Literal["auto", "x86-vnni", "x86", "arm64"] = Field(
         "auto", description="CPU the int8 model will run on; auto: this machine (/proc/cpuinfo).")
     calibration: CalibrationOptions = Field(default_factory=CalibrationOptions,
                                             description="Calibration data and method.")
     onnxruntime: OrtOptions = Field(default_factory=OrtOptions, description="ONNX Runtime options.")
     openvino: OvOptions = Field(default_factory=OvOptions, description="OpenVINO/NNCF options.")
+    executorch: Pt2eOptions = Field(default_factory=Pt2eOptions,
+                                    description="ExecuTorch int8 (XNNPACKQuantizer) options.")
+    litert: Pt2eOptions = Field(default_factory=Pt2eOptions,
+                                description="LiteRT int8 (litert-torch PT2EQuantizer) options.")
     onnx: OnnxOptions = Field(default_factory=OnnxOptions,
                               description="Export of the fp32 ONNX graph that is quantized.")
     max_accuracy_drop: float | None = Field(
@@ -104,6 +120,7 @@ class QuantizeConfig(StageConfig):
     def _unique(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
             raise ValueError("list each backend once")
+        check_extras([b for b in value if b in EMBEDDED], "remove it from backends")
         return value
 
 
@@ -112,8 +129,9 @@ class QuantizeStage(Stage[QuantizeConfig]):
 
     type = "quantize"
     Config = QuantizeConfig
-    provides = ("onnx-int8", "openvino-int8", "report")
-    requires = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "onnxscript")
+    provides = ("onnx-int8", "openvino-int8", "executorch-int8", "litert-int8", "report")
+    requires = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "onnxscript", "executorch",
+                "torchao", "litert-torch", "ai-edge-litert")
 
     @classmethod
     def data_files(cls, config: QuantizeConfig, pipeline: LoadedPipeline) -> list[Path]:
@@ -146,17 +164,6 @@ class QuantizeStage(Stage[QuantizeConfig]):
             val_y = np.full(len(val_x), -1, dtype=np.int64)
         ref = runtimes.backend("torch").logits(model, val_x)
         fp32_pct = accuracy(ref, val_y).top1_pct
-        tmp = ctx.work_dir / "tmp-fp32"
-        tmp.mkdir(exist_ok=True)
-        fp32, exp = self._export_fp32(ctx, config, model, calib, tmp)
-        onnx_rt = runtimes.backend("onnxruntime")
-        parity = check_parity(ref, runtimes.predict(onnx_rt.open(fp32, threads=None), val_x),
-                              tolerance=PARITY_TOLERANCE)
-        if not parity.ok:
-            raise StageError(f"the fp32 ONNX export differs from torch before quantization: max "
-                             f"abs diff {parity.max_abs_diff:.3g} ({parity.rel_diff:.3g} of the "
-                             f"output scale > {PARITY_TOLERANCE:g})", key="onnx.exporter",
-                             hint="try onnx.exporter: torchscript")
         calibration = {"split": split if split != "calibration" or data.calibration_set is not None
                        else "calibration (train split: no data.calibration)",
                        "samples": int(len(calib)), "method": config.calibration.method,
@@ -166,16 +173,31 @@ class QuantizeStage(Stage[QuantizeConfig]):
             "input_stage": ctx.input_name, "preprocess": pre.model_dump(mode="json"),
             "preprocess_from": pre_from, "classes": spec.class_names or data.classes,
             "calibration": calibration, "val_samples": int(len(val_x)),
-            "fp32": {"top1_pct": fp32_pct, "onnx_export": exp.as_dict(),
-                     "onnx_parity": parity.as_dict()},
-            "max_accuracy_drop_pp": config.max_accuracy_drop}
-        args = _Args(fp32, calib, val_x, val_y, ref, fp32_pct)
+            "fp32": {"top1_pct": fp32_pct}, "max_accuracy_drop_pp": config.max_accuracy_drop}
+        args = _Args(None, calib, val_x, val_y, ref, fp32_pct)
         outputs: dict[str, Path] = {}
+        tmp = ctx.work_dir / "tmp-fp32"
+        if {"onnxruntime", "openvino"} & set(config.backends):
+            tmp.mkdir(exist_ok=True)
+            args.fp32, exp = self._export_fp32(ctx, config, model, calib, tmp)
+            onnx_rt = runtimes.backend("onnxruntime")
+            parity = check_parity(ref, runtimes.predict(onnx_rt.open(args.fp32, threads=None),
+                                                        val_x), tolerance=PARITY_TOLERANCE)
+            if not parity.ok:
+                raise StageError(f"the fp32 ONNX export differs from torch before quantization: "
+                                 f"max abs diff {parity.max_abs_diff:.3g} ({parity.rel_diff:.3g} "
+                                 f"of the output scale > {PARITY_TOLERANCE:g})",
+                                 key="onnx.exporter", hint="try onnx.exporter: torchscript")
+            report["fp32"].update(onnx_export=exp.as_dict(), onnx_parity=parity.as_dict())
         if "onnxruntime" in config.backends:
             outputs["onnx-int8"] = _quantize_ort(ctx, config, args, report)
         if "openvino" in config.backends:
             outputs["openvino-int8"] = _quantize_ov(ctx, config, args, report)
-        shutil.rmtree(tmp)
+        for target in (b for b in config.backends if b in EMBEDDED):
+            outputs[f"{target}-int8"] = quantize_embedded(ctx, config, target, model, args,
+                                                             report, _check_budget)
+        if tmp.exists():
+            shutil.rmtree(tmp)
         outputs["report"] = write_json(ctx, REPORT, report)
         _record(ctx, report, fp32_pct)
         return outputs
@@ -199,7 +221,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
 class _Args:
     """What both backends quantize and measure against."""
 
-    def __init__(self, fp32: Path, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+    def __init__(self, fp32: Path | None, calib: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                  ref: np.ndarray, fp32_pct: float | None) -> None:
         self.fp32, self.calib, self.val_x, self.val_y = fp32, calib, val_x, val_y
         self.ref, self.fp32_pct = ref, fp32_pct
@@ -333,7 +355,8 @@ def _quantize_ov(ctx: StageContext, config: QuantizeConfig, a: _Args,
 
 def _record(ctx: StageContext, report: dict[str, Any], fp32_pct: float | None) -> None:
     metrics: dict[str, Any] = {"fp32_top1_pct": fp32_pct}
-    for backend, key in (("onnxruntime", "onnx"), ("openvino", "openvino")):
+    for backend, key in (("onnxruntime", "onnx"), ("openvino", "openvino"),
+                         ("executorch", "executorch"), ("litert", "litert")):
         res = report.get(backend)
         if res is None:
             continue
@@ -343,10 +366,12 @@ def _record(ctx: StageContext, report: dict[str, Any], fp32_pct: float | None) -
         metrics[f"{key}_size_ratio"] = res["size"]["ratio"]
         extra = (f", {len(res['float_layers'])} layer(s) kept in float" if res["float_layers"]
                  else "")
+        fp32_what = " of fp32 weights" if "fp32_bytes_means" in res["size"] else ""
         runs_in = (f" (runs in {res['inference_precision']} outside int8 ops)"
-                   if backend == "openvino" else f" ({res['recipe']['activation_type']} activations)")
+                   if backend == "openvino" else f" ({res['recipe']['activation_type']} activations)"
+                   if backend == "onnxruntime" else f" ({res['io_note']})")
         ctx.highlight(f"{backend} int8{runs_in}: val top-1 {_pct(res['top1_pct'])} vs fp32 "
-                      f"{_pct(fp32_pct)}, {_mb(res['size']['fp32_bytes'])} -> "
+                      f"{_pct(fp32_pct)}, {_mb(res['size']['fp32_bytes'])}{fp32_what} -> "
                       f"{_mb(res['size']['int8_bytes'])}{extra}")
     ctx.record(**metrics)
 

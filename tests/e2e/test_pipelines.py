@@ -169,3 +169,51 @@ def test_rewrite_reduced(tmp_path: Path):
     assert "| original | onnx-int8@int8-original |" in section
     assert "| rewritten | onnx-int8@int8-rewritten |" in section
     _assert_cached("rewrite.yaml", out, *quick)
+
+
+def test_secure_reduced(tmp_path: Path):
+    """secure.yaml reduced: a key made by `edgemml keygen`, a signed bundle that `edgemml verify`
+    accepts and refuses once edited, predict.py --verify-key, and the robustness pass with the
+    pruned-vs-unpruned comparison and the robust gates."""
+    key = tmp_path / "keys" / "k.pem"
+    made = run_cli("keygen", str(key), cwd=REPO)
+    assert made.returncode == 0, _explain(made)
+    out = tmp_path / "secure"
+    quick = [f"stages.export.bundle.sign.key={key}", "stages.train.max_steps=120",
+             "stages.prune.recover.max_steps=30", "stages.quantize.calibration.samples=64",
+             "stages.validate.gates.torch={min_top1: 50, max_robust_drop: 100}",
+             "stages.validate.latency.runs=10",
+             "stages.validate.robustness={samples: 120, pgd: {steps: 3}, severity: [1, 5]}"]
+    proc = _run("secure.yaml", out, *quick)
+    assert proc.returncode in (0, 1), _explain(proc)  # robust gates may fail on a short training
+    report = _report(out)
+    arts = {a["name"]: a for a in report["artifacts"]}
+    assert all(a["robustness"]["worst_top1_pct"] is not None for a in arts.values())
+    section = report["robustness"]
+    assert list(section["references"]) == ["torch@train"] and section["n"] == 120
+    kinds = [(g["kind"], g["artifact"], g["baseline"]) for g in section["gaps"]]
+    assert kinds[0] == ("pruned vs unpruned", "torch", "torch@train")
+    assert ("int8 vs fp32", "onnx-int8", "onnx-fp32") in kinds
+    assert arts["torch"]["robustness"]["reference_inputs"] == "own white-box inputs"
+    robust_gates = [r for r in report["gates"] if r["metric"] in ("min_robust_top1",
+                                                                  "max_robust_drop")]
+    assert {r["artifact"] for r in robust_gates} == {"torch", "onnx-int8", "openvino-int8",
+                                                      "openvino-int8[f32]"}
+    assert proc.returncode == (1 if report["gate_failures"] else 0)
+    bundle = out / "04-export/bundle"
+    pub = tmp_path / "keys" / "k.pub.pem"
+    ok = run_cli("verify", str(bundle), "--key", str(pub), cwd=REPO)
+    assert ok.returncode == 0 and "signature ok" in ok.stdout, _explain(ok)
+    import subprocess
+    import sys
+
+    check = subprocess.run([sys.executable, str(bundle / "predict.py"), "--verify-key", str(pub),
+                            "--self-check"], capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0 and "FAIL" not in check.stdout, check.stdout + check.stderr
+    model = bundle / "model.int8.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    bad = run_cli("verify", str(bundle), "--key", str(pub), cwd=REPO)
+    assert bad.returncode == 1 and bad.stderr.splitlines() == [
+        f"error: {model}: does not match its sha256 in manifest.json (edited or replaced)"]

@@ -187,25 +187,57 @@ def test_compare_reports_rows_and_gate_changes() -> None:
     assert changes and changes[0]["a"] != changes[0]["b"]
 
 
-def test_achieved_compute_against_a_roofline(tmp_path):
-    import json as _json
-
-    from edgemml.evaluation import achieved_compute, roofline_peaks
-    from edgemml.errors import InputError
-
-    path = tmp_path / "roofline.json"
-    path.write_text(_json.dumps({"peak_gmacs_per_s": {"fp32": 100.0, "int8": 400.0}}))
-    peaks = roofline_peaks(path)
+def test_achieved_compute_against_a_roofline():
+    """The fraction of peak divides by the peak of the same runtime in the same precision."""
+    from edgemml.evaluation import achieved_compute
+    from edgemml.roofline import Roofline, Row
     from edgemml.runtimes import Latency
 
+    roof = Roofline({"cpu": "x"}, 128, [Row("onnxruntime", "int8", "int8", 1.0, 1.0, 400.0),
+                                        Row("openvino", "fp32", "bf16", 1.0, 1.0, 200.0),
+                                        Row("openvino", "fp32", "f32", 1.0, 1.0, 100.0)])
     lat = Latency(batch1_median_ms=2.0, batch1_p90_ms=2.0, batch1_min_ms=2.0, batch1_input=1,
                   runs=1, warmup=0, threads=1, batch=8, batch_median_ms=4.0, throughput_ips=2000,
                   throughput_runs=1)
-    out = achieved_compute(20_000_000, lat, "int8", peaks)
+    out = achieved_compute(20_000_000, lat, "onnxruntime", "int8", roof)
     assert out["gmacs_per_s_batch1"] == pytest.approx(10.0)   # 20 MMAC in 2 ms
     assert out["gmacs_per_s_batch"] == pytest.approx(40.0)    # 8 x 20 MMAC in 4 ms
     assert out["fraction_of_peak_batch"] == pytest.approx(0.1)
-    assert achieved_compute(None, lat, "fp32", peaks)["gmacs_per_s_batch1"] is None
-    path.write_text("{}")
-    with pytest.raises(InputError, match="roofline"):
-        roofline_peaks(path)
+    assert out["peak_runtime"] == "onnxruntime" and out["peak_dtype"] == "int8"
+    bf16 = achieved_compute(20_000_000, lat, "openvino", "bf16", roof)
+    assert bf16["peak_gmacs_per_s"] == 200.0 and bf16["fraction_of_peak_batch"] == pytest.approx(0.2)
+    # no peak measured for that runtime and precision: the rate is reported, the fraction is not
+    none = achieved_compute(20_000_000, lat, "torch", "f32", roof)
+    assert none["gmacs_per_s_batch"] == pytest.approx(40.0) and none["fraction_of_peak_batch"] is None
+    assert achieved_compute(None, lat, "onnxruntime", "int8", roof)["gmacs_per_s_batch1"] is None
+
+
+def _entry(name, backend, top1, ms, mode="deployed", reference="torch", passed=True):
+    return {"name": name, "backend": backend, "mode": mode, "reference": reference,
+            "runtime_precision": "int8", "accuracy": {"top1_pct": top1},
+            "latency": {"batch1_median_ms": ms}, "passed": passed, "stage": None}
+
+
+def test_recommend_policies_and_the_front():
+    """fastest picks the quickest passing artifact per backend, most_accurate the most accurate
+    one (ties to the faster); the front marks the Pareto-optimal artifacts and the chosen one."""
+    from edgemml.report.front import build_front, pareto
+    from edgemml.report.gates import recommend
+
+    entries = [_entry("torch", "torch", 95.0, 20.0, mode="reference", reference=None),
+               _entry("a", "onnxruntime", 94.0, 2.0), _entry("b", "onnxruntime", 95.5, 4.0),
+               _entry("c", "onnxruntime", 96.0, 9.0), _entry("d", "openvino", 95.5, 3.0),
+               _entry("e", "openvino", 95.5, 3.5)]
+    rows = [{"gate": "all.max_latency_ms", "selector": "all", "artifact": "c", "metric":
+             "max_latency_ms", "op": "<=", "limit": 5.0, "value": 9.0, "unit": "ms",
+             "status": "fail", "message": ""}]
+    assert recommend(entries, rows, "fastest") == {"onnxruntime": "a", "openvino": "d"}
+    for e in entries:
+        e["recommended"] = False
+    assert recommend(entries, rows, "most_accurate") == {"onnxruntime": "b", "openvino": "d"}
+    front = build_front(entries, rows, primary="torch", policy="most_accurate", sweeps=[])
+    assert front["chosen"] == "d"  # 95.5 % like b and e, and the fastest of them
+    assert front["budget_ms"] == 5.0
+    assert set(pareto(entries)) == {"a", "d", "c"}  # torch (20 ms, 95 %) is beaten by d
+    row = next(r for r in front["artifacts"] if r["name"] == "d")
+    assert row["chosen"] and row["pareto"] and row["top1_vs_reference_pp"] == pytest.approx(0.5)

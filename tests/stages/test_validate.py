@@ -291,3 +291,62 @@ def test_validate_command_on_files_made_elsewhere(base: Path) -> None:
     assert arts["ov[f32]"]["parity"]["max_abs_diff"] < 1e-4
     typo = run_cli("validate", "check.yaml", "--set", "gates.all.max_sise_mb=1", cwd=ext)
     assert typo.returncode == 2 and "gates.all.max_sise_mb: unknown key" in typo.stderr, _explain(typo)
+
+
+ROBUST = ("stages.validate.robustness={fgsm: {eps: [2/255, 8/255]}, pgd: {eps: 8/255, steps: 3}, "
+          "corruptions: [contrast, gaussian_noise], severity: [1, 5]}")
+
+
+def test_robustness_figure_per_artifact_gates_and_reports(base: Path) -> None:
+    """The robustness pass on the module's artifacts: a figure per artifact, the attack lowers the
+    reference's accuracy, severity 5 hurts more than 1, the gates read it (junit, markdown, html)."""
+    run = _copy_run(base, "robust")
+    proc = _run(base, "robust", ROBUST, "stages.validate.gates.all.min_robust_top1=0",
+                "stages.validate.gates.int8.max_robust_drop=100",
+                "stages.validate.gates.torch.min_robust_top1=99.9")
+    assert proc.returncode == 1, _explain(proc)  # the last gate cannot pass: the attack works
+    assert "vt_train: cached" in proc.stderr and "vt_export: cached" in proc.stderr
+    report = _report(run)
+    arts = {a["name"]: a for a in report["artifacts"]}
+    for name, a in arts.items():
+        r = a["robustness"]
+        assert r is not None and r["worst_top1_pct"] is not None, name
+        keys = [s["key"] for s in r["sets"]]
+        assert keys == ["clean", "fgsm@2/255", "fgsm@8/255", "pgd@8/255", "contrast@1",
+                        "contrast@5", "gaussian_noise@1", "gaussian_noise@5"], name
+        assert r["clean_top1_pct"] == pytest.approx(a["accuracy"]["top1_pct"])  # same samples
+        assert r["transfer"] == (name != "torch") and r["crafted_on"] == "torch"
+        assert r["reference"] == (None if name == "torch" else "torch")
+    top1 = {s["key"]: s["top1_pct"] for s in arts["torch"]["robustness"]["sets"]}
+    assert top1["fgsm@8/255"] < top1["clean"] - 10, top1      # the attack works
+    assert top1["pgd@8/255"] <= top1["fgsm@8/255"]
+    for c in ("contrast", "gaussian_noise"):
+        assert top1[f"{c}@5"] < top1[f"{c}@1"], top1
+    int8 = arts["onnx-int8"]["robustness"]
+    for s in int8["sets"]:  # replayed on the same inputs as the reference
+        assert s["drop_vs_reference_pp"] == pytest.approx(top1[s["key"]] - s["top1_pct"])
+    section = report["robustness"]
+    assert section["n"] == 270 and section["table"] == "imagenet-c"
+    assert section["timing"]["cpu_s"] > 0 and "attack on torch" in section["timing"]["phases"]
+    assert [(g["kind"], g["artifact"], g["baseline"]) for g in section["gaps"]] == [
+        ("int8 vs fp32", "onnx-int8", "onnx-fp32")]
+    rows = {(r["gate"], r["artifact"]): r for r in report["gates"]}
+    assert rows[("all.min_robust_top1", "onnx-int8")]["status"] == "pass"
+    assert rows[("int8.max_robust_drop", "onnx-int8")]["message"].startswith("on ")
+    bad = rows[("torch.min_robust_top1", "torch")]
+    assert bad["status"] == "fail" and bad["message"] == f"on {arts['torch']['robustness']['worst_top1_set']}"
+    suite = ET.parse(run / "03-validate/junit.xml").getroot().find("testsuite")
+    failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None]
+    assert failed == ["torch.min_robust_top1"]
+    md = (run / "03-validate/report.md").read_text()
+    assert "## Robustness" in md and "transfer attack" in md and "| `pgd@8/255` |" in md
+    html = (run / "03-validate/report.html").read_text()
+    assert 'id="plot-robustness"' in html and "<h2>Robustness</h2>" in html
+
+
+def test_robust_gates_without_the_pass_are_a_config_error(base: Path) -> None:
+    proc = _run(base, "vt", "stages.validate.gates.all.min_robust_top1=50")
+    assert proc.returncode == 2, _explain(proc)
+    assert "all.min_robust_top1 read robustness figures" in proc.stderr
+    bad = _run(base, "vt", "stages.validate.robustness={fgsm: {eps: [4/0]}}")
+    assert bad.returncode == 2 and "fraction like 4/255" in bad.stderr, _explain(bad)

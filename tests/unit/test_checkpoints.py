@@ -218,3 +218,57 @@ def test_no_weights_inside(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "config": {"lr": 0.1}}, path)
     with pytest.raises(InputError, match="no weights found.*epoch"):
         load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Cases the former hand-written opcode walk got wrong or torch's own scanner cannot read; each must still be refused with the right global named, and nothing executed.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_zip_with_pickle_protocol_4_names_the_global(tmp_path: Path) -> None:
+    """torch's get_unsafe_globals_in_checkpoint raises on protocol-4 opcodes: picklescan names it."""
+    marker = tmp_path / "marker"
+    path = tmp_path / "p4.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "x": _Evil(marker)}, path, pickle_protocol=4)
+    with pytest.raises(InputError, match=r"pickled code \(global posix.system"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_memoized_stack_global_is_named(tmp_path: Path) -> None:
+    """STACK_GLOBAL fed from the memo, decoy strings pushed last: the old walk named 'decoy.names'."""
+    path = tmp_path / "memo.pkl"
+    path.write_bytes(b"\x80\x04\x8c\x05posix\x94\x8c\x06system\x94\x8c\x05decoy\x94\x8c\x05names\x94"
+                     b"h\x00h\x01\x93\x8c\x04true\x85R.")
+    with pytest.raises(InputError) as exc:
+        load_checkpoint(path)
+    assert "pickled code (global posix.system" in str(exc.value)
+    assert "decoy" not in str(exc.value)
+
+
+def test_numpy_objects_are_named_not_called_code(tmp_path: Path) -> None:
+    """Globals torch's allowlist rejects but that run no code are 'objects', named in the message."""
+    import numpy as np
+
+    path = tmp_path / "np.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "best": np.float64(0.5)}, path)
+    with pytest.raises(InputError) as exc:
+        load_checkpoint(path)
+    text = str(exc.value)
+    assert "pickled Python objects" in text and "multiarray.scalar" in text
+    assert "pickled code" not in text
+
+
+def test_message_is_deterministic(tmp_path: Path) -> None:
+    """torch returns a set: the names must come out in the same order on every run."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "full.pt"
+    torch.save({"a": torch.nn.Linear(2, 2), "b": torch.nn.ReLU(), "c": torch.nn.Tanh()}, path)
+    code = ("from edgemml.models.unsafe_pickle import scan_pickle; "
+            "from pathlib import Path; print(scan_pickle(Path(%r)).unsafe)" % str(path))
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout
+            for seed in (1, 2, 3)}
+    assert len(outs) == 1 and "Linear" in outs.pop()

@@ -24,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {
     "errors": 0,
     "config": 1, "artifacts": 1, "machine": 1, "codegraph": 1, "metrics": 1,
-    "training_config": 1, "distributed": 1, "activation_names": 1, "arch_families": 1,
+    "training_config": 1, "distributed": 1, "sweep": 1, "activation_names": 1,
+    "arch_families": 1,
     "models": 2, "data": 2, "training": 2, "pruning": 2, "quantization": 2, "exporters": 2,
-    "runtimes": 2, "report": 2, "evaluation": 2,
+    "runtimes": 2, "report": 2, "evaluation": 2, "robustness": 2, "roofline": 2,
+    "latency_search": 2,
     "stages": 3,
     "pipeline": 4, "loader": 4, "schema": 4, "progress": 4,
     "cli": 5,
@@ -76,6 +78,22 @@ def test_no_import_cycles() -> None:
         if m not in state:
             visit(m, [m])
     assert not cycles, "\n".join(cycles)
+
+
+def test_reading_imports_imports_no_third_party_module() -> None:
+    """The fingerprint of a cached stage reads its imports from the source: that must not import
+    the libraries named there (find_spec of `lib.sub.name` imports `lib.sub`; importing
+    executorch.runtime that way made a cached re-run take 25 s instead of 2)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom edgemml.codegraph import closure\n"
+            "for s in ('quantize', 'export', 'validate'):\n    closure(f'edgemml.stages.{s}')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'executorch', 'litert_torch', "
+            "'ai_edge_litert', 'torchao', 'onnxruntime', 'openvino', 'nncf'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_the_layering_test_sees_a_violation(tmp_path: Path) -> None:

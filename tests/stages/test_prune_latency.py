@@ -1,0 +1,203 @@
+"""The prune stage with a latency target: the ratio is searched by timing each candidate as the
+deployed artifact. Budgets are ratios to a baseline measured in the same run (never absolute
+milliseconds: the machine is shared and loaded), and checked independently afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from conftest import TESTS_DIR, cli_env, run_cli, write
+from edgemml import runtimes
+from edgemml.config import ModelConfig, PreprocessConfig
+from edgemml.latency_search import Probe, search_ratio
+from edgemml.models import ModelSpec, build_model, load_model, save_model
+from edgemml.training import recalibrate_bn
+
+SIZE = 64
+PRE = PreprocessConfig(channels="gray", size=(SIZE, SIZE))
+
+PIPELINE = """
+name: latprune
+seed: 0
+preprocess: {size: [64, 64], channels: gray, mean: [0.5], std: [0.5]}
+data: {source: "builtin:digits", samples: 300}
+stages:
+  - type: load
+    path: model
+  - type: prune
+    recover: null
+    bn_batches: 2
+    bn_batch_size: 32
+    latency: null
+    latency_target:
+      artifact: ARTIFACT
+      speedup_over: input
+      threads: 1
+      exporter: torchscript
+      calibration_samples: 4
+      runs: 16
+      rounds: 4
+      warmup: 2
+      resolution: 0.1
+      max_probes: 5
+      accuracy: false
+"""
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """resnet18, 1 channel, 10 classes at 64x64, BatchNorm statistics estimated on noise (latency
+    does not depend on training; random BN statistics would give constant outputs)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("latprune")
+    model = build_model(ModelConfig(arch="torchvision/resnet18"), num_classes=10, in_chans=1)
+    noise = TensorDataset(torch.randn(64, 1, SIZE, SIZE), torch.zeros(64, dtype=torch.long))
+    recalibrate_bn(model, noise, batches=2, batch_size=32)
+    spec = ModelSpec.from_config(ModelConfig(arch="torchvision/resnet18"), num_classes=10,
+                                 in_chans=1, class_names=[str(i) for i in range(10)],
+                                 preprocess=PRE.model_dump(mode="json"))
+    save_model(model.eval(), spec, root / "model")
+    return root / "model"
+
+
+def _run(tmp_path: Path, model_dir: Path, *sets: str, artifact: str = "onnx-int8"):
+    import shutil
+
+    shutil.copytree(model_dir, tmp_path / "model")
+    write(tmp_path / "pipeline.yaml", PIPELINE.replace("ARTIFACT", artifact))
+    env = cli_env({"PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS_DIR)])})
+    args = ["run", "pipeline.yaml"]
+    for s in sets:
+        args += ["--set", s]
+    return run_cli(*args, cwd=tmp_path, env=env)
+
+
+def test_latency_target_meets_a_budget_relative_to_the_unpruned_artifact(tmp_path, model_dir):
+    """A 1.4x speed-up of the ONNX Runtime int8 artifact over the unpruned one: the stage finds a
+    ratio, and an independent interleaved timing of both artifacts confirms the chosen model is
+    faster by a clear margin (checked at 1.15x: the budget is generous, the machine is loaded)."""
+    from edgemml.quantization.quick import quick_artifact
+
+    proc = _run(tmp_path, model_dir, "stages.prune.target_speedup=1.4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    stage = tmp_path / "runs/latprune/02-prune"
+    report = json.loads((stage / "prune.json").read_text())
+    lt = report["latency_target"]
+    assert lt["goal"] == {"kind": "speedup", "value": 1.4, "over": "input",
+                          "ms": pytest.approx(lt["anchor"]["ms"] / 1.4, rel=1e-3),
+                          "text": lt["goal"]["text"]}
+    assert lt["artifact"] == "onnx-int8" and lt["machine"]["processor"]
+    probes = lt["search"]["probes"]
+    assert lt["search"]["met"] and 2 <= len(probes) <= 5
+    chosen = next(p for p in probes if p["ratio"] == lt["search"]["chosen_ratio"])
+    assert chosen["meets"] and chosen["latency_ms"] <= lt["goal"]["ms"]
+    # the trajectory: ratio -> MACs -> latency, with MACs falling as the ratio grows
+    by_ratio = sorted(probes, key=lambda p: p["ratio"])
+    assert [p["macs"] for p in by_ratio] == sorted((p["macs"] for p in by_ratio), reverse=True)
+    assert report["achieved"]["macs"] == pytest.approx(chosen["fraction"], abs=1e-4)
+    assert lt["final"]["latency_ms"] > 0 and lt["final"]["speedup_over_input"] > 1
+    record = json.loads((stage / "stage.json").read_text())["metrics"]
+    assert record["latency_target_probes"] == len(probes)
+    assert not (stage / "latency-probes").exists()
+    assert "latency target" in proc.stdout
+
+    # Independent check: both models as ONNX Runtime int8, timed interleaved here.
+    unpruned, _ = load_model(model_dir)
+    pruned, _ = load_model(stage / "model")
+    x = np.random.default_rng(0).standard_normal((8, 1, SIZE, SIZE)).astype(np.float32)
+    runners = {}
+    for name, m in (("unpruned", unpruned), ("pruned", pruned)):
+        path = quick_artifact(m, torch.from_numpy(x[:1]), "onnx-int8", x[:4], tmp_path / name,
+                              exporter="torchscript")
+        runners[name] = runtimes.open_artifact(path, threads=1)
+    one = x[:1]
+    timed = runtimes.time_calls({k: (lambda r=r: r(one)) for k, r in runners.items()},
+                                warmup=3, runs=40, rounds=8)
+    assert timed["unpruned"].median_ms / timed["pruned"].median_ms > 1.15, timed
+
+
+def test_unreachable_latency_target_exits_2_with_the_closest(tmp_path, model_dir):
+    proc = _run(tmp_path, model_dir, "stages.prune.target_speedup=60", artifact="torch")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr
+    assert "latency target cannot be met" in err and "closest was" in err and "at ratio 0.7" in err
+    assert "Traceback" not in err
+    partial = next((tmp_path / "runs/latprune").glob(".*prune.partial"))
+    doc = json.loads((partial / "latency-search.json").read_text())
+    assert doc["search"]["met"] is False and doc["search"]["probes"][0]["ratio"] <= 0.8
+
+
+def test_config_rejects_two_targets_and_torch_over_torch(tmp_path):
+    write(tmp_path / "pipeline.yaml", """
+        name: badlat
+        data: {source: "builtin:digits"}
+        stages:
+          - type: prune
+            target_macs: 0.5
+            target_latency_ms: 3
+    """)
+    proc = run_cli("check", "pipeline.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "exactly one of" in proc.stderr
+    write(tmp_path / "pipeline.yaml", """
+        name: badlat
+        data: {source: "builtin:digits"}
+        stages:
+          - type: prune
+            target_speedup: 2
+            latency_target: {artifact: torch}
+    """)
+    proc = run_cli("check", "pipeline.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "speedup_over: input" in proc.stderr
+
+
+def _fake_probe(latency_of: dict[float, float] | None = None, noise: float = 0.0, seed: int = 0):
+    """Probes of a model whose latency falls linearly with the ratio (10 ms -> 2 ms at 0.8)."""
+    calls: list[float] = []
+    rng = np.random.default_rng(seed)
+
+    def probe(ratio: float) -> Probe:
+        calls.append(ratio)
+        ms = 10.0 - 10.0 * ratio if latency_of is None else latency_of[ratio]
+        ms *= 1 + noise * rng.standard_normal()
+        return Probe(ratio, int(1e6 * (1 - ratio)), 1, 1 - ratio, f"r{ratio:.4f}", ms, ms, 10.0,
+                     10)
+    return probe, calls
+
+
+def test_search_is_a_bisection_that_keeps_the_smallest_meeting_ratio():
+    probe, calls = _fake_probe()
+    out = search_ratio(probe, goal_ms=5.0, anchor_ms=10.0, max_ratio=0.8, margin=0.0,
+                       resolution=0.01, max_probes=20)
+    assert out.met and calls[0] == 0.8
+    assert 0.5 <= out.chosen.ratio <= 0.51 and out.chosen.latency_ms <= 5.0
+    assert all(p.meets == (p.latency_ms <= 5.0) for p in out.probes)
+    # the margin aims under the goal
+    probe, _ = _fake_probe()
+    out = search_ratio(probe, goal_ms=5.0, anchor_ms=10.0, max_ratio=0.8, margin=0.1,
+                       resolution=0.01, max_probes=20)
+    assert out.chosen.latency_ms <= 4.5 and out.threshold_ms == pytest.approx(4.5)
+
+
+def test_search_stops_early_when_unreachable_or_already_met():
+    probe, calls = _fake_probe()
+    out = search_ratio(probe, goal_ms=1.0, anchor_ms=10.0, max_ratio=0.8)
+    assert not out.met and calls == [0.8] and out.closest.ratio == 0.8
+    probe, calls = _fake_probe({0.0: 9.0})
+    out = search_ratio(probe, goal_ms=20.0, anchor_ms=10.0, max_ratio=0.8)
+    assert out.met and out.chosen.ratio == 0.0 and calls == [0.0]
+
+
+def test_search_under_noise_never_chooses_a_candidate_that_missed():
+    for seed in range(5):
+        probe, _ = _fake_probe(noise=0.15, seed=seed)
+        out = search_ratio(probe, goal_ms=5.0, anchor_ms=10.0, max_ratio=0.8, margin=0.05,
+                           max_probes=8)
+        assert out.met and out.chosen.latency_ms <= 4.75
+        assert len(out.probes) <= 8
