@@ -19,6 +19,7 @@ from edgemml.config import (
     _SHARED_MERGE_KEYS,
     ErrorContext,
     LoadedPipeline,
+    ModelConfig,
     PipelineConfig,
     StageConfig,
     _deep_merge,
@@ -92,7 +93,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Loade
             raise
         configs.append(cfg)
 
-    _check_stage_graph(configs, file, ctx)
+    _check_stage_graph(configs, file, ctx, top.model)
     loaded = LoadedPipeline(top, configs, path, raw)
     #: the file's sweeps (edgemml.sweep.Sweep), for the stages that present them (validate)
     loaded.sweeps = sweeps  # type: ignore[attr-defined]
@@ -133,7 +134,8 @@ def _expand_sweeps(stages: list[Any], file: str,
         raise
 
 
-def _check_stage_graph(configs: list[StageConfig], file: str, ctx: ErrorContext) -> None:
+def _check_stage_graph(configs: list[StageConfig], file: str, ctx: ErrorContext,
+                       model: ModelConfig | None = None) -> None:
     from edgemml import stages as stage_registry
 
     seen: list[str] = []
@@ -155,6 +157,12 @@ def _check_stage_graph(configs: list[StageConfig], file: str, ctx: ErrorContext)
                                       int(k) if k.isdigit() else k for k in ref_key.split("."))),
                                   key=f"stages[{i}].{cfg.type}.{ref_key}",
                                   hint=hint or (f"earlier stages: {', '.join(seen)}" if seen else None))
+        issue = stage_cls.check_pipeline(cfg, configs[:i], model)
+        if issue is not None:
+            key, message, hint = issue
+            where = tuple(int(k) if k.isdigit() else k for k in key.split("."))
+            raise ConfigError(message, file=file, line=ctx.line_for(("stages", i) + where),
+                              key=f"stages[{i}].{cfg.type}.{key}", hint=hint)
         seen.append(name)
 
 
