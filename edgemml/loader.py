@@ -89,8 +89,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Loade
             raise
         configs.append(cfg)
 
-    _check_stage_graph(configs, file, ctx)
     _check_architectures(top, configs, file, ctx)
+    _check_stage_graph(configs, file, ctx, top.model)
     loaded = LoadedPipeline(top, configs, path, raw)
     #: the file's sweeps (edgemml.sweep.Sweep), for the stages that present them (validate)
     loaded.sweeps = sweeps  # type: ignore[attr-defined]
@@ -170,7 +170,8 @@ def _check_architectures(top: PipelineConfig, configs: list[StageConfig], file: 
                               "package.module:factory for your own architecture")
 
 
-def _check_stage_graph(configs: list[StageConfig], file: str, ctx: ErrorContext) -> None:
+def _check_stage_graph(configs: list[StageConfig], file: str, ctx: ErrorContext,
+                       model: ModelConfig | None = None) -> None:
     from edgemml import stages as stage_registry
 
     seen: list[str] = []
@@ -192,6 +193,12 @@ def _check_stage_graph(configs: list[StageConfig], file: str, ctx: ErrorContext)
                                       int(k) if k.isdigit() else k for k in ref_key.split("."))),
                                   key=f"stages[{i}].{cfg.type}.{ref_key}",
                                   hint=hint or (f"earlier stages: {', '.join(seen)}" if seen else None))
+        issue = stage_cls.check_pipeline(cfg, configs[:i], model)
+        if issue is not None:
+            key, message, hint = issue
+            where = tuple(int(k) if k.isdigit() else k for k in key.split("."))
+            raise ConfigError(message, file=file, line=ctx.line_for(("stages", i) + where),
+                              key=f"stages[{i}].{cfg.type}.{key}", hint=hint)
         seen.append(name)
 
 

@@ -296,6 +296,9 @@ class Model:
             raise Refused(f"{shown(file)} is not a model of this bundle (models: {names})")
         self.entry = entry
         blobs = {rel: bundle.read(rel, check=True) for rel in entry.get("files", [file])}
+        # LiteRT's interpreter and ExecuTorch's program run from these bytes without copying them:
+        # they must live as long as the model (freed, the interpreter reads freed memory: SIGSEGV)
+        self._blobs = blobs
         self.input_name = entry["inputs"][0]["name"]
         try:
             self._open(entry["runtime"], bundle, file, blobs, threads)

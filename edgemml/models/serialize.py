@@ -48,6 +48,10 @@ class ModelSpec(BaseModel):
     param_shapes: dict[str, list[int]] = Field(
         default_factory=dict,
         description="Bare parameters/buffers (not inside a recorded layer) whose shape differs.")
+    module_types: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Module name -> {type, args} for parameter-free modules replaced by another "
+        "(a rewrite: SiLU -> ReLU6, a squeeze-excitation block -> Identity); applied first.")
     extra: dict[str, Any] = Field(default_factory=dict, description="Free metadata (stage, metrics...).")
 
     def model_cfg(self) -> ModelConfig:
@@ -110,9 +114,41 @@ def _make_layer(entry: dict[str, Any]) -> nn.Module:
     return cls(**args)
 
 
+def diff_module_types(model: nn.Module, fresh: nn.Module) -> dict[str, dict[str, Any]]:
+    """Modules of `model` that replace the freshly built `fresh`'s module at the same path by one
+    of another type or function (recorded with edgemml.models.rewrite.describe_module); a replaced
+    module's children are not visited. ValueError for a replacement model.json cannot record."""
+    from edgemml.models.rewrite import describe_module, same_function
+
+    fresh_modules = dict(fresh.named_modules())
+    out: dict[str, dict[str, Any]] = {}
+    for name, mod in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in out):
+            continue
+        ref = fresh_modules.get(name)
+        if ref is None or same_function(mod, ref):
+            continue  # new paths are refused by diff_layer_shapes when they hold tensors
+        desc = describe_module(mod)
+        if desc is None:
+            raise ValueError(f"module {name} ({type(ref).__name__} in the architecture) was "
+                             f"replaced by {type(mod).__name__}, which model.json cannot record")
+        out[name] = desc
+    return out
+
+
+def apply_module_types(model: nn.Module, types: dict[str, dict[str, Any]]) -> nn.Module:
+    """Swap in the recorded replacement modules (outer paths first)."""
+    from edgemml.models.rewrite import build_module
+
+    for name in sorted(types, key=lambda n: n.count(".")):
+        set_submodule(model, name, build_module(types[name]))
+    return model
+
+
 def diff_layer_shapes(model: nn.Module, fresh: nn.Module) -> tuple[dict[str, dict[str, Any]],
                                                                   dict[str, list[int]]]:
-    """Layers (and bare tensors) of `model` whose shapes differ from the freshly built `fresh`."""
+    """Layers (and bare tensors) of `model` whose shapes differ from the freshly built `fresh`
+    (with its recorded module replacements applied)."""
     fresh_modules = dict(fresh.named_modules())
     layers: dict[str, dict[str, Any]] = {}
     for name, mod in model.named_modules():
@@ -147,8 +183,10 @@ def save_model(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fresh = build_model(spec.model_cfg(), num_classes=spec.num_classes, in_chans=spec.in_chans)
-    layers, params = diff_layer_shapes(model, fresh)
-    spec = spec.model_copy(update={"layer_shapes": layers, "param_shapes": params})
+    types = diff_module_types(model, fresh)
+    layers, params = diff_layer_shapes(model, apply_module_types(fresh, types))
+    spec = spec.model_copy(update={"module_types": types, "layer_shapes": layers,
+                                   "param_shapes": params})
     # Clone: safetensors refuses shared or non-contiguous storage (tied weights, views).
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(folder / MODEL_WEIGHTS) as tmp:
@@ -205,7 +243,9 @@ def read_spec(folder: Path) -> ModelSpec:
 
 
 def apply_layer_shapes(model: nn.Module, spec: ModelSpec) -> nn.Module:
-    """Swap in modules / tensors of the recorded shapes (weights are loaded afterwards)."""
+    """Swap in replaced modules, then modules / tensors of the recorded shapes (weights are
+    loaded afterwards)."""
+    apply_module_types(model, spec.module_types)
     for name, entry in spec.layer_shapes.items():
         set_submodule(model, name, _make_layer(entry))
     for key, shape in spec.param_shapes.items():
@@ -231,7 +271,7 @@ def load_model(folder: Path) -> tuple[nn.Module, ModelSpec]:
     try:
         apply_layer_shapes(model, spec)
     except (ValueError, TypeError, AttributeError) as exc:
-        raise InputError(f"layer_shapes do not fit {spec.arch or spec.python}: {exc}",
+        raise InputError(f"module_types/layer_shapes do not fit {spec.arch or spec.python}: {exc}",
                          file=folder / MODEL_SPEC) from None
     try:
         state = load_file(str(weights))
@@ -245,3 +285,11 @@ def load_model(folder: Path) -> tuple[nn.Module, ModelSpec]:
                          hint="the two files must come from the same save_model call") from None
     model.eval()
     return model, spec
+
+
+def reloads_identically(model: nn.Module, folder: Path, example: torch.Tensor) -> bool:
+    """Whether the model saved in `folder` rebuilds (architecture, recorded layer shapes and module
+    replacements) into a module with bit-identical outputs on `example`."""
+    reloaded, _ = load_model(folder)
+    with torch.no_grad():
+        return torch.equal(model.eval()(example), reloaded(example))

@@ -47,10 +47,51 @@ def in_modules(node: Any, names: Sequence[str]) -> bool:
     return any(p == n or p.startswith(n + ".") for p in module_paths(node) for n in names)
 
 
+def is_weighted(node: Any) -> bool:
+    return node.op == "call_function" and any(k in str(node.target) for k in WEIGHTED_OPS)
+
+
+def float_nodes(graph: Any, names: Sequence[str]) -> set[Any]:
+    """The nodes of the named modules, plus every unweighted node (BatchNorm, activation, pooling,
+    reshape...) fed only by float nodes or feeding only float nodes, to a fixpoint.
+
+    Why both directions: keeping a layer in float must keep the activations around it in float.
+    Forward, a float conv's output must not be re-quantized by the pooling after it; backward, the
+    pooled features a float classifier reads must not be quantized by the ops before it — with a
+    per-tensor range stretched by one outlier channel, that rounding alone loses the accuracy the
+    float layer was meant to save. Float-ness stops at quantized convs / linears, whose own input
+    and output are quantized as usual."""
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    out = {n for n in calls if in_modules(n, names)}
+    changed = bool(out)
+    while changed:
+        changed = False
+        for n in calls:
+            if n in out or is_weighted(n):
+                continue
+            feeds = [a for a in n.all_input_nodes if a.op == "call_function"]
+            users = [u for u in n.users if u.op == "call_function"]
+            if (feeds and all(a in out for a in feeds)) or (users and all(u in out for u in users)):
+                out.add(n)
+                changed = True
+    return out
+
+
 def float_filter(names: Sequence[str]) -> NodeFilter | None:
-    """A node filter that leaves the named modules unannotated (fp32); None when none is named."""
+    """A node filter that leaves the named modules, and what only they feed, unannotated (fp32);
+    None when none is named. The float set is computed once per graph, on first use."""
     names = tuple(names)
-    return (lambda n: not in_modules(n, names)) if names else None
+    if not names:
+        return None
+    cache: dict[int, set[Any]] = {}
+
+    def keep_quantized(n: Any) -> bool:
+        graph = n.graph
+        if id(graph) not in cache:
+            cache[id(graph)] = float_nodes(graph, names)
+        return n not in cache[id(graph)]
+
+    return keep_quantized
 
 
 def check_module_names(model: Any, names: Sequence[str], target: str) -> list[str]:
@@ -72,7 +113,7 @@ def weighted_layers(gm: Any) -> dict[str, str]:
     when its weight comes through a dequantize node."""
     out: dict[str, str] = {}
     for n in gm.graph.nodes:
-        if n.op != "call_function" or not any(k in str(n.target) for k in WEIGHTED_OPS):
+        if not is_weighted(n):
             continue
         if len(n.args) < 2 or not hasattr(n.args[1], "op"):
             continue

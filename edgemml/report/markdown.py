@@ -8,8 +8,9 @@ from __future__ import annotations
 from edgemml.report.front import front_table
 from edgemml.report.gates import fmt, required_failures
 from edgemml.report.schema import Report
-from edgemml.report.tables import (artifact_table, gate_table, io_notes, robustness_gap_table,
-                                   robustness_notes, robustness_table, stage_table, to_markdown)
+from edgemml.report.tables import (artifact_table, gate_table, io_notes, rewrite_tables,
+                                   robustness_gap_table, robustness_notes, robustness_table,
+                                   stage_table, to_markdown)
 
 
 def render_markdown(report: Report) -> str:
@@ -58,6 +59,8 @@ def render_markdown(report: Report) -> str:
                    f"dequantized with the file's own parameters ({note}).")
     if io_notes(report):
         out.append("")
+    for line, table in rewrite_tables(report):
+        out += ["## Rewrite: original vs rewritten in int8", "", line, ""] + to_markdown(table) + [""]
     ref = report.get("reference") or {}
     div = ref.get("diversity") or {}
     if div:

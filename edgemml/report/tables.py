@@ -98,6 +98,50 @@ def stage_table(report: Report) -> Table | None:
     return table
 
 
+def rewrite_tables(report: Report) -> list[tuple[str, Table]]:
+    """Per `rewrite` stage of the run: (one summary line, a table) comparing the int8 artifacts of
+    its input model (the original) with those of its output (the rewritten model).
+
+    An int8 artifact belongs to whichever torch reference it was measured against, so the two
+    sides are told apart by the references' stages: the rewrite stage's `input_stage` (from its
+    recorded metrics) and the rewrite stage itself. Only figures already in report.json are used.
+    The summary line marks names with backticks (Markdown); the HTML renderer drops them.
+    """
+    arts = report.get("artifacts") or []
+    torch_by_stage = {a.get("stage"): a for a in arts if a.get("format") == "torch"}
+    out: list[tuple[str, Table]] = []
+    for st in report.get("stages") or []:
+        if st.get("type") != "rewrite":
+            continue
+        metrics = st.get("metrics") or {}
+        ref_old = torch_by_stage.get(metrics.get("input_stage"))
+        ref_new = torch_by_stage.get(st["name"])
+        if ref_old is None or ref_new is None:
+            continue
+        top = {k: (r.get("accuracy") or {}).get("top1_pct") for k, r in
+               (("original", ref_old), ("rewritten", ref_new))}
+        loss = None if None in top.values() else top["original"] - top["rewritten"]
+        line = (f"Rewrite `{st['name']}` of `{metrics.get('input_stage')}` "
+                f"({metrics.get('replaced')} activations replaced, {metrics.get('se_removed')} "
+                f"SE blocks removed): fp32 top-1 {fmt(top['original'])} % -> "
+                f"{fmt(top['rewritten'])} % ({fmt(loss)} points lost); int8 drop is each int8 "
+                f"artifact against its own fp32 model, agreement likewise.")
+        table = Table(["model", "int8 artifact", "runs in", "fp32 top-1 %", "int8 top-1 %",
+                       "int8 drop (points)", "int8 agreement", "p50 ms (b1)"], "lll" + "r" * 5)
+        for label, ref in (("original", ref_old), ("rewritten", ref_new)):
+            for a in arts:
+                if a.get("precision") != "int8" or a.get("reference") != ref["name"]:
+                    continue
+                par, lat = a.get("parity") or {}, a.get("latency") or {}
+                table.rows.append([
+                    Cell(label), Cell(a["name"]), Cell(a.get("runtime_precision", "-")),
+                    _num(top[label]), _num((a.get("accuracy") or {}).get("top1_pct")),
+                    _num(par.get("accuracy_drop_pp")), _num(par.get("agreement")),
+                    _num(lat.get("batch1_median_ms"))])
+        out.append((line, table))
+    return out
+
+
 def robust_columns(report: Report) -> dict[str, dict[str, Any]]:
     """Artifact name -> its robustness entry, in report order, then the references attacked only
     for comparison (the unpruned model)."""

@@ -23,7 +23,7 @@ def _builtin_types() -> dict[str, str]:
     `edgemml/stages/<type>.py` (other than base and helper modules starting with `_`) defines
     `STAGE`, its Stage class. Adding a stage is adding a file."""
     here = Path(__file__).parent
-    order = ["migrate", "finetune", "prune", "quantize", "export", "validate"]
+    order = ["migrate", "finetune", "rewrite", "prune", "quantize", "export", "validate"]
     found = sorted((p.stem for p in here.glob("*.py")
                     if not p.stem.startswith("_") and p.stem not in _NOT_STAGES),
                    key=lambda n: (order.index(n) if n in order else len(order), n))

@@ -336,12 +336,9 @@ def _check_reload(model: nn.Module, folder: Path, example: Any, stage: str) -> N
     """The saved model must rebuild into the same module: same outputs bit for bit."""
     import torch
 
-    from edgemml.models import load_model
+    from edgemml.models.serialize import reloads_identically
 
-    reloaded, _ = load_model(folder)
     x = torch.randn(2, *example.shape[1:], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        same = torch.equal(model.eval()(x), reloaded(x))
-    if not same:
+    if not reloads_identically(model, folder, x):
         raise StageError("the saved pruned model does not reload to identical outputs",
                          stage=stage, hint="this is a bug in edgemml; please report it")

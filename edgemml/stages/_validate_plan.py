@@ -1,8 +1,9 @@
 """What the validate stage measures: the torch references and every artifact, in order.
 
-Each artifact is compared with the torch model it was made from (the nearest earlier model stage),
-and an artifact whose runtime may deploy it in a lower precision (OpenVINO's bf16) is measured twice:
-as deployed, and pinned to f32 (`name[f32]`) for exact parity.
+Each artifact is compared with the torch model it was made from (the model stage its own stage
+names as `input:`, else the nearest earlier model stage), and an artifact whose runtime may deploy
+it in a lower precision (OpenVINO's bf16) is measured twice: as deployed, and pinned to f32
+(`name[f32]`) for exact parity.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgemml import runtimes
 from edgemml.artifacts import read_json
+from edgemml.config import stage_name
 from edgemml.errors import InputError, StageError
 from edgemml.evaluation import Subject
 
@@ -117,6 +119,7 @@ class _Planner:
         self.stages = sorted(ctx.inputs.values(), key=lambda o: self.order.get(o.name, 999))
         self.model_stages = [o for o in self.stages if o.get("model") is not None]
         self.refs: dict[str, tuple[Subject, Any]] = {}
+        self.inputs = {stage_name(c): c.input for c in ctx.pipeline.stages}
         self.sweep_source = self._sweep_source()
 
     def _sweep_source(self) -> str | None:
@@ -135,9 +138,12 @@ class _Planner:
         primary = self.sweep_source or last
         return "torch" if stage == primary else f"torch@{stage}"
 
-    def ref_for(self, stage_name: str) -> str:
-        """The torch model an artifact was made from: the nearest model stage up to its own."""
-        src = [o for o in self.model_stages if self.order[o.name] <= self.order[stage_name]]
+    def ref_for(self, name: str) -> str:
+        """The torch model an artifact was made from: the model stage its stage names as `input:`
+        (e.g. the int8 of the model before a rewrite), else the nearest model stage up to its own."""
+        own = any(o.name == name for o in self.model_stages)
+        named = [] if own else [o for o in self.model_stages if o.name == self.inputs.get(name)]
+        src = named or [o for o in self.model_stages if self.order[o.name] <= self.order[name]]
         if not src:
             return self.plan.primary or ""
         o = src[-1]

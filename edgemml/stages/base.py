@@ -16,7 +16,7 @@ from edgemml.config import StageConfig
 from edgemml.errors import ArtifactError
 
 if TYPE_CHECKING:
-    from edgemml.config import LoadedPipeline
+    from edgemml.config import LoadedPipeline, ModelConfig
 
 C = TypeVar("C", bound=StageConfig)
 
@@ -165,6 +165,14 @@ class Stage(ABC, Generic[C]):
     def references(cls, config: C) -> list[tuple[str, str]]:
         """(key, stage name) of every earlier stage this stage reads, besides its default input."""
         return [("input", config.input)] if config.input else []
+
+    @classmethod
+    def check_pipeline(cls, config: C, earlier: list[StageConfig],
+                       model: ModelConfig | None) -> tuple[str, str, str | None] | None:
+        """A check that needs the earlier stages' configs (and the pipeline's `model:`), run when
+        the file is loaded, so `edgemml check` catches it without torch: None when fine, else
+        (key inside this stage, message, hint)."""
+        return None
 
     @classmethod
     def data_files(cls, config: C, pipeline: LoadedPipeline) -> list[Path]:

@@ -27,6 +27,8 @@ from edgemml.config import (
 )
 from edgemml.errors import ConfigError, StageError
 from edgemml.paths import check_input_file
+from edgemml.stages import _grow
+from edgemml.stages._grow import GrowConfig, Growth
 from edgemml.stages.base import Stage, StageContext
 from edgemml.stages.common import (
     data_config,
@@ -142,6 +144,17 @@ class MigrateConfig(StageConfig):
         "(the classifier) or fnmatch patterns of tensor names.")
     zero_shot: bool = Field(True, description="Measure accuracy of the migrated model on the "
                             "target val split (test when val is empty), before any training.")
+    grow: GrowConfig | None = Field(
+        None, description="Grow the source into a larger target of its family: new residual "
+        "blocks start as identities, wider layers by Net2WiderNet; tensors are paired by name "
+        "(alignment is off), and migration.json reports the measured function match.")
+    min_function_match: float | None = Field(
+        None, ge=0, le=1, description="Fail (exit 2) when the migrated model's logits depart "
+        "from the source's on real target samples (eval mode, before any training) by more than "
+        "this allows: match = 1 - max|delta logit| / max|source logit|; 0.9999 demands exact "
+        "growth. Measured whenever grow is set or this is given.")
+    function_samples: int = Field(256, ge=1, description="Target samples (val, else train) on "
+                                  "which the function match is measured.")
     data: DataConfig | None = Field(None, description="Target data (classes, BN re-estimation, "
                                     "zero-shot accuracy).")
     preprocess: PreprocessConfig | None = Field(None, description="Target preprocessing.")
@@ -151,6 +164,11 @@ class MigrateConfig(StageConfig):
         if self.input is not None:
             raise ValueError(f"migrate reads its `sources:`, not `input:`; write sources: "
                              f"[{{stage: {self.input}}}]")
+        if self.grow is not None and len(self.sources) != 1:
+            raise ValueError(f"grow starts from one source; {len(self.sources)} are given")
+        if self.min_function_match is not None and len(self.sources) != 1:
+            raise ValueError("min_function_match compares the target with one source; "
+                             f"{len(self.sources)} are given")
         return self
 
 
@@ -163,6 +181,8 @@ class _Source:
     data_source: str | None  # what it was trained on, None when unknown
     preprocess: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
+    model: nn.Module | None = None  # runnable source (a stage's model), for the function match
+    arch: ModelConfig | None = None
 
 
 class Migrate(Stage[MigrateConfig]):
@@ -176,6 +196,15 @@ class Migrate(Stage[MigrateConfig]):
     @classmethod
     def needs_input(cls, config: MigrateConfig) -> bool:
         return False
+
+    @classmethod
+    def check_pipeline(cls, config: MigrateConfig, earlier: list[StageConfig],
+                       model: ModelConfig | None) -> tuple[str, str, str | None] | None:
+        if config.grow is None:
+            return None
+        from edgemml.stages._grow import check_family
+
+        return check_family(config.sources, config.target, earlier, model)
 
     @classmethod
     def references(cls, config: MigrateConfig) -> list[tuple[str, str]]:
@@ -245,23 +274,37 @@ class Migrate(Stage[MigrateConfig]):
         rules = [RenameRule.parse(getattr(r, "from"), r.to, key=f"rename[{i}].from")
                  for i, r in enumerate(config.rename)]
         maps: list[SourceMap] = []
+        growth = Growth(config.grow) if config.grow is not None else None
         for i, src in enumerate(sources):
+            # Growth pairs tensors by name only: alignment by shapes would pair unrelated layers.
             matches, notes = match_keys(shapes, {k: tuple(v.shape) for k, v in src.state.items()},
-                                        rules=rules, align=config.align, stem=stem, head=head)
-            smap = map_source(src.label, target_state, src.state, matches, weight=src.weight,
+                                        rules=rules, align=config.align and growth is None,
+                                        stem=stem, head=head)
+            state = src.state
+            if growth is not None:
+                state = _grow.widen(ctx, growth, model, src.label, src.state, matches, stem, head)
+            smap = map_source(src.label, target_state, state, matches, weight=src.weight,
                               stem=stem, head=head, in_chans_rule=config.in_chans_rule,
                               target_classes=target_classes, source_classes=src.classes,
                               label_map=config.label_map)
+            for w in growth.widened if growth is not None else ():
+                if w.tensor in smap.mapped:
+                    smap.mapped[w.tensor].adaptation = w.how
             smap.notes = src.notes + notes + smap.notes
             fatal = [m for m in smap.mismatched if m.fatal]
             if fatal and config.shape_mismatch == "error":
                 more = f" (and {len(fatal) - 1} more)" if len(fatal) > 1 else ""
+                why = [p for p in (growth.problems if growth else []) if
+                       p.startswith(fatal[0].target + ":")]
                 raise StageError(
                     f"source {src.label}: tensor {fatal[0].target} needs shape "
                     f"{list(fatal[0].target_shape)} but the source's {fatal[0].source_key} has "
                     f"{list(fatal[0].source_shape)} (matched by {fatal[0].rule}){more}; the source "
-                    f"does not fit the target", key=f"sources[{i}]",
-                    hint="check the target architecture and its options, or set "
+                    f"does not fit the target" + (f" ({why[0].split(': ', 1)[1]})" if why else ""),
+                    key=f"sources[{i}]",
+                    hint="growth only enlarges channel counts and adds blocks: grow into a larger "
+                    "model of the same family" if growth is not None else
+                    "check the target architecture and its options, or set "
                     "`shape_mismatch: skip` to leave such tensors initialised")
             for note in smap.notes:
                 ctx.log(f"{src.label}: {note}")
@@ -269,9 +312,19 @@ class Migrate(Stage[MigrateConfig]):
         fused = fuse(maps, config.fuse)
         model.load_state_dict({**target_state, **{k: f.value for k, f in fused.items()}},
                               strict=True)
+        batches = _grow.sample_batches(splits, config.function_samples)
+        example = batches[0][:8] if batches else torch.zeros(2, in_chans, *preprocess.size)
+        grown = _grow.init_new(growth, model, fused, head, example) if growth else set()
 
         params = dict(model.named_parameters())
         allowed = self._allowed_init(config.allow_init, list(params), head)
+        allowed |= {k for k in grown if k in params}  # new blocks are new on purpose
+        match: dict[str, Any] = {}
+        if growth is not None or config.min_function_match is not None:
+            src_model, why_not = _grow.source_model(sources[0], in_chans)
+            rows = _grow.class_rows(target_classes, sources[0], config.label_map, num_classes,
+                                    fused, head)
+            match["before_bn"] = asdict(_grow.measure(src_model, why_not, model, batches, rows))
         share_all, taken, total = coverage(params, fused)
         share, _, _ = coverage(params, fused, excluded=allowed)
 
@@ -281,7 +334,15 @@ class Migrate(Stage[MigrateConfig]):
         def write_reports(bn: dict[str, Any]) -> tuple[dict[str, Any], Path, Path]:
             summary = self._summary(config, target_cfg, in_chans, num_classes, stem, head, maps,
                                     fused, share_all, share, taken, total, bn)
+            if match:
+                summary["function_match"] = match
+            if growth is not None:
+                summary["growth"] = growth.report(match)
             tensors = self._tensor_rows(target_state, params, fused, maps, allowed)
+            for row in tensors:
+                init = growth.new_tensors().get(row["target"]) if growth is not None else None
+                if init is not None:
+                    row["status"], row["reason"] = "new", init
             report = {"summary": summary, "tensors": tensors,
                       "unused_source_tensors": {m.label: m.unused for m in maps}}
             table = ctx.path("migration.md")
@@ -298,7 +359,10 @@ class Migrate(Stage[MigrateConfig]):
                 hint=f"add rename rules, list tensors initialised on purpose in allow_init, or "
                 f"lower min_coverage; every tensor is listed in {table_path}")
         bn = self._recalibrate(ctx, config, model, splits, sources, fused, preprocess)
+        if match and bn["ran"]:
+            match["after_bn"] = asdict(_grow.measure(src_model, why_not, model, batches, rows))
         summary, report_path, table_path = write_reports(bn)
+        _grow.check_match(config.min_function_match, match, growth, table_path)
 
         spec = ModelSpec.from_config(
             target_cfg, num_classes=num_classes, in_chans=in_chans, class_names=target_classes,
@@ -326,7 +390,7 @@ class Migrate(Stage[MigrateConfig]):
             return _Source(f"stage:{cfg.stage}", cfg.weight, dict(model.state_dict()),
                            cfg.classes or spec.class_names or None,
                            data.source if data is not None else None,
-                           spec.extra.get("preprocess"))
+                           spec.extra.get("preprocess"), model=model)
         ref = cfg.checkpoint
         assert ref is not None
         where: str | Path = ref if ref.startswith(TORCHVISION_REF) else ctx.resolve(ref)
@@ -349,7 +413,8 @@ class Migrate(Stage[MigrateConfig]):
             state = {k: state[k] for k in natural_order(state)}
             notes.append("safetensors stores keys sorted: alignment uses natural key order "
                          "(give `arch:` for the true module order)")
-        return _Source(ref, cfg.weight, state, cfg.classes or ckpt.class_names, None, None, notes)
+        return _Source(ref, cfg.weight, state, cfg.classes or ckpt.class_names, None, None, notes,
+                       arch=cfg.arch)
 
     @staticmethod
     def _module(model: nn.Module, name: str | None, what: str, in_chans: int) -> str:
@@ -550,6 +615,7 @@ def _metrics(summary: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if zero["top1_pct_after_bn"] is not None:
             text += f"; {zero['top1_pct_before_bn']:.1f}% before BatchNorm re-estimation"
         lines.append(text)
+    _grow.metrics(summary, out, lines)
     return out, lines
 
 
@@ -578,6 +644,9 @@ def _markdown(name: str, summary: dict[str, Any], tensors: list[dict[str, Any]],
         if zero["top1_pct_after_bn"] is not None:
             text += f" (before BatchNorm re-estimation: {zero['top1_pct_before_bn']:.2f}%)"
         out.append(text)
+    growth = _grow.markdown(summary)
+    if growth:
+        out += ["", "## Growth and function match", ""] + growth
     out += ["", "## Sources", "", "| source | weight | tensors used | unused | notes |",
             "|---|---|---|---|---|"]
     for m in maps:
@@ -587,8 +656,8 @@ def _markdown(name: str, summary: dict[str, Any], tensors: list[dict[str, Any]],
             "|---|---|---|---|---|---|---|"]
     for row in tensors:
         shape = "x".join(map(str, row["shape"])) or "scalar"
-        if row["status"] == "initialised":
-            out.append(f"| {row['target']} | {shape} | initialised | | | | {row['reason']} |")
+        if row["status"] in ("initialised", "new"):
+            out.append(f"| {row['target']} | {shape} | {row['status']} | | | | {row['reason']} |")
             continue
         for j, p in enumerate(row["from"]):
             share = f" (w={p['weight']:.3g})" if p["weight"] is not None else ""

@@ -148,6 +148,29 @@ def test_resnet18_grayscale_reduced(tmp_path: Path):
     _assert_cached("resnet18-grayscale.yaml", out, *sets)
 
 
+@pytest.mark.slow
+def test_rewrite_reduced(tmp_path: Path):
+    """pipelines/rewrite.yaml, reduced: both int8 models measured side by side in the report."""
+    out = tmp_path / "rewrite"
+    quick = ["preprocess.size=[32, 32]", "data.samples=400", "stages.train.max_steps=3",
+             "stages.rewrite.recover.max_steps=2", "stages.int8-original.backends=[onnxruntime]",
+             "stages.int8-rewritten.backends=[onnxruntime]",
+             "stages.int8-original.calibration.samples=16",
+             "stages.int8-rewritten.calibration.samples=16",
+             "stages.validate.latency={runs: 3, warmup: 1, throughput_runs: 1, batch: 4}",
+             "stages.validate.gates={}", "stages.validate.min_correlation=null",
+             "stages.validate.min_reference_diversity=null"]
+    proc = _run("rewrite.yaml", out, *quick)
+    assert proc.returncode == 0, _explain(proc)
+    rewrite = json.loads(next(out.glob("*-rewrite/rewrite.json")).read_text())
+    assert set(rewrite["counts"]) == {"Hardswish -> ReLU6"}
+    assert len(rewrite["squeeze_excitation"]["removed"]) == 9  # every SE of mobilenet_v3_small
+    section = (next(out.glob("*-validate/report.md")).read_text()).split("## Rewrite", 1)[1]
+    assert "| original | onnx-int8@int8-original |" in section
+    assert "| rewritten | onnx-int8@int8-rewritten |" in section
+    _assert_cached("rewrite.yaml", out, *quick)
+
+
 def test_secure_reduced(tmp_path: Path):
     """secure.yaml reduced: a key made by `edgemml keygen`, a signed bundle that `edgemml verify`
     accepts and refuses once edited, predict.py --verify-key, and the robustness pass with the

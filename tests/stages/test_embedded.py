@@ -187,11 +187,14 @@ def test_budget_keeps_modules_in_float_in_the_files(tmp_path: Path) -> None:
         assert res["plain_int8"]["accuracy_drop_pp"] > 1.0, res["plain_int8"]
         assert res["float_layers"] and res["search"]["met"], res
         assert res["accuracy_drop_pp"] <= 1.0
-        assert [m for m, kind in res["layers"].items() if kind == "float"] == res["float_layers"]
+        # every layer the search kept is float in the graph (a neighbour whose fused pattern the
+        # float activations broke may be float too: `layers` reports what the graph holds)
+        in_float = {m for m, kind in res["layers"].items() if kind == "float"}
+        assert set(res["float_layers"]) <= in_float, res["layers"]
         if target == "litert":  # the file holds them in float (the converter's strict QDQ mode)
             info = runtimes.backend("litert").read_tflite(q / f"model.int8{suffix}")
             floats = [w for _, w, _ in info.weighted if w == "FLOAT32"]
-            assert len(floats) == len(res["float_layers"]), info.weighted
+            assert len(floats) == len(in_float), info.weighted
         else:
             assert runtimes.backend("executorch").read_pte(q / f"model.int8{suffix}").precision \
                 == "int8"

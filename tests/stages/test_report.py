@@ -212,7 +212,7 @@ def test_achieved_compute_against_a_roofline():
     assert achieved_compute(None, lat, "onnxruntime", "int8", roof)["gmacs_per_s_batch1"] is None
 
 
-def _entry(name, backend, top1, ms, mode="deployed", reference="torch", passed=True):
+def _front_entry(name, backend, top1, ms, mode="deployed", reference="torch", passed=True):
     return {"name": name, "backend": backend, "mode": mode, "reference": reference,
             "runtime_precision": "int8", "accuracy": {"top1_pct": top1},
             "latency": {"batch1_median_ms": ms}, "passed": passed, "stage": None}
@@ -224,10 +224,11 @@ def test_recommend_policies_and_the_front():
     from edgemml.report.front import build_front, pareto
     from edgemml.report.gates import recommend
 
-    entries = [_entry("torch", "torch", 95.0, 20.0, mode="reference", reference=None),
-               _entry("a", "onnxruntime", 94.0, 2.0), _entry("b", "onnxruntime", 95.5, 4.0),
-               _entry("c", "onnxruntime", 96.0, 9.0), _entry("d", "openvino", 95.5, 3.0),
-               _entry("e", "openvino", 95.5, 3.5)]
+    fe = _front_entry
+    entries = [fe("torch", "torch", 95.0, 20.0, mode="reference", reference=None),
+               fe("a", "onnxruntime", 94.0, 2.0), fe("b", "onnxruntime", 95.5, 4.0),
+               fe("c", "onnxruntime", 96.0, 9.0), fe("d", "openvino", 95.5, 3.0),
+               fe("e", "openvino", 95.5, 3.5)]
     rows = [{"gate": "all.max_latency_ms", "selector": "all", "artifact": "c", "metric":
              "max_latency_ms", "op": "<=", "limit": 5.0, "value": 9.0, "unit": "ms",
              "status": "fail", "message": ""}]

@@ -349,8 +349,10 @@ def test_robustness_figure_per_artifact_gates_and_reports(base: Path) -> None:
     top1 = {s["key"]: s["top1_pct"] for s in arts["torch"]["robustness"]["sets"]}
     assert top1["fgsm@8/255"] < top1["clean"] - 10, top1      # the attack works
     assert top1["pgd@8/255"] <= top1["fgsm@8/255"]
-    for c in ("contrast", "gaussian_noise"):
-        assert top1[f"{c}@5"] < top1[f"{c}@1"], top1
+    # severity 5 never helps, and hurts at least one corruption (both may sit at chance: a floor,
+    # as contrast does for some seeds of this small model)
+    assert all(top1[f"{c}@5"] <= top1[f"{c}@1"] for c in ("contrast", "gaussian_noise")), top1
+    assert any(top1[f"{c}@5"] < top1[f"{c}@1"] for c in ("contrast", "gaussian_noise")), top1
     int8 = arts["onnx-int8"]["robustness"]
     for s in int8["sets"]:  # replayed on the same inputs as the reference
         assert s["drop_vs_reference_pp"] == pytest.approx(top1[s["key"]] - s["top1_pct"])
