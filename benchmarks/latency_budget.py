@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (REPO, fmt, load_note, machine_info, md_table,  # noqa: E402
@@ -151,7 +150,7 @@ def render_md(r: dict[str, Any]) -> str:
     budget = (f"at least {b['min_speedup']:g}x faster than the unpruned torch fp32 model "
               f"({b['ms_here']:.2f} ms here)" if b["min_speedup"] else
               f"{b['max_latency_ms']:g} ms" if b["max_latency_ms"] else "none")
-    lines = [f"# latency-budget benchmark", "",
+    lines = ["# latency-budget benchmark", "",
              f"Run `{r['pipeline']}` ({r['run_dir']}): resnet18, 1x{h}x{w} input, "
              f"{r['test_samples']} test samples. {m['cpu']}, {r['threads']} threads, "
              f"{m['date']}; {load_note(m)} (during the timing: {r['loadavg_timing'][0]} -> "

@@ -212,7 +212,7 @@ def main() -> None:
 
 def render_md(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [f"# timers: validate vs compare.py vs benchmark_app on one IR", "",
+    lines = ["# timers: validate vs compare.py vs benchmark_app on one IR", "",
              f"{m['cpu']}, {r['threads']} threads, {m['date']}; {load_note(m)}. IR: "
              f"`{r['ir']}` ({'a 224x224 resnet18 pruned to ~0.48 of the MACs, built by --make' if r['made'] else 'from a run'}), "
              f"input {r['shape']}; compare.py interleaves it with {', '.join(r['interleaved_with']) or 'nothing'}.",

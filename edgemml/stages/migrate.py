@@ -9,8 +9,7 @@ re-estimates BatchNorm statistics on the target data, measures zero-shot accurac
 
 from __future__ import annotations
 
-import fnmatch
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,11 +22,12 @@ from edgemml.config import (
     PreprocessConfig,
     StageConfig,
     StrictModel,
-    stage_name,
 )
 from edgemml.errors import ConfigError, StageError
 from edgemml.paths import check_input_file
 from edgemml.stages import _grow
+from edgemml.stages import _migrate_report as mreport
+from edgemml.stages._migrate_sources import TORCHVISION_REF, Source, load_source, map_onto
 from edgemml.stages._grow import GrowConfig, Growth
 from edgemml.stages.base import Stage, StageContext
 from edgemml.stages.common import (
@@ -40,13 +40,11 @@ from edgemml.stages.common import (
 )
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from edgemml.config import LoadedPipeline
-    from edgemml.models.transfer import Fused, SourceMap
+    from edgemml.models.transfer import Fused
 
-TORCHVISION_REF = "torchvision:"
 
 
 class SourceConfig(StrictModel):
@@ -173,16 +171,15 @@ class MigrateConfig(StageConfig):
 
 
 @dataclass
-class _Source:
-    label: str
-    weight: float
-    state: dict[str, torch.Tensor]
-    classes: list[str] | None
-    data_source: str | None  # what it was trained on, None when unknown
-    preprocess: dict[str, Any] | None
-    notes: list[str] = field(default_factory=list)
-    model: nn.Module | None = None  # runnable source (a stage's model), for the function match
-    arch: ModelConfig | None = None
+class _Target:
+    sources: list[Source]
+    model: nn.Module
+    splits: Any
+    preprocess: PreprocessConfig
+    config: ModelConfig
+    num_classes: int
+    classes: list[str]
+    in_chans: int
 
 
 class Migrate(Stage[MigrateConfig]):
@@ -236,79 +233,22 @@ class Migrate(Stage[MigrateConfig]):
     def run(self, ctx: StageContext, config: MigrateConfig) -> dict[str, Path]:
         import torch
 
-        from edgemml.models import ModelSpec, build_model
-        from edgemml.models.transfer import (
-            RenameRule,
-            coverage,
-            fuse,
-            map_source,
-            match_keys,
-        )
+        from edgemml.models import ModelSpec
+        from edgemml.models.transfer import RenameRule, coverage, fuse
 
-        data_cfg = data_config(config, ctx.pipeline, required=False)
-        preprocess = preprocess_config(config, ctx.pipeline)
-        splits = load_stage_data(ctx, config) if data_cfg is not None else None
-        target_cfg = config.target or ctx.pipeline.config.model
-        if target_cfg is None:
-            raise ConfigError("migrate needs a target architecture", key="target",
-                              hint="add `target: {arch: torchvision/resnet18}` to the stage or a "
-                              "top-level `model:` section")
-        sources = [self._load_source(ctx, i, s) for i, s in enumerate(config.sources)]
-
-        classes = list(splits.classes) if splits is not None else None
-        num_classes = target_cfg.num_classes or (len(classes) if classes else None) or next(
-            (len(s.classes) for s in sources if s.classes), None)
-        if num_classes is None:
-            raise ConfigError("cannot tell the target's number of classes", key="target.num_classes",
-                              hint="set target.num_classes or give the stage data")
-        target_classes = next((c for c in [classes] + [s.classes for s in sources]
-                               if c and len(c) == num_classes), [])
-        in_chans = target_cfg.in_chans or preprocess.num_channels
-        torch.manual_seed(ctx.seed)  # initialised tensors are reproducible
-        model = build_model(target_cfg, num_classes=num_classes, in_chans=in_chans)
+        t = self._target(ctx, config)
+        sources, model, splits, preprocess = t.sources, t.model, t.splits, t.preprocess
+        target_cfg, num_classes, target_classes, in_chans = (t.config, t.num_classes, t.classes,
+                                                             t.in_chans)
         stem = self._module(model, config.stem, "stem", in_chans)
         head = self._module(model, config.head, "head", in_chans)
 
         target_state = model.state_dict()
-        shapes = {k: tuple(v.shape) for k, v in target_state.items()}
         rules = [RenameRule.parse(getattr(r, "from"), r.to, key=f"rename[{i}].from")
                  for i, r in enumerate(config.rename)]
-        maps: list[SourceMap] = []
         growth = Growth(config.grow) if config.grow is not None else None
-        for i, src in enumerate(sources):
-            # Growth pairs tensors by name only: alignment by shapes would pair unrelated layers.
-            matches, notes = match_keys(shapes, {k: tuple(v.shape) for k, v in src.state.items()},
-                                        rules=rules, align=config.align and growth is None,
-                                        stem=stem, head=head)
-            state = src.state
-            if growth is not None:
-                state = _grow.widen(ctx, growth, model, src.label, src.state, matches, stem, head)
-            smap = map_source(src.label, target_state, state, matches, weight=src.weight,
-                              stem=stem, head=head, in_chans_rule=config.in_chans_rule,
-                              target_classes=target_classes, source_classes=src.classes,
-                              label_map=config.label_map)
-            for w in growth.widened if growth is not None else ():
-                if w.tensor in smap.mapped:
-                    smap.mapped[w.tensor].adaptation = w.how
-            smap.notes = src.notes + notes + smap.notes
-            fatal = [m for m in smap.mismatched if m.fatal]
-            if fatal and config.shape_mismatch == "error":
-                more = f" (and {len(fatal) - 1} more)" if len(fatal) > 1 else ""
-                why = [p for p in (growth.problems if growth else []) if
-                       p.startswith(fatal[0].target + ":")]
-                raise StageError(
-                    f"source {src.label}: tensor {fatal[0].target} needs shape "
-                    f"{list(fatal[0].target_shape)} but the source's {fatal[0].source_key} has "
-                    f"{list(fatal[0].source_shape)} (matched by {fatal[0].rule}){more}; the source "
-                    f"does not fit the target" + (f" ({why[0].split(': ', 1)[1]})" if why else ""),
-                    key=f"sources[{i}]",
-                    hint="growth only enlarges channel counts and adds blocks: grow into a larger "
-                    "model of the same family" if growth is not None else
-                    "check the target architecture and its options, or set "
-                    "`shape_mismatch: skip` to leave such tensors initialised")
-            for note in smap.notes:
-                ctx.log(f"{src.label}: {note}")
-            maps.append(smap)
+        maps = [map_onto(ctx, config, i, src, model, target_state, rules, growth, stem, head,
+                         target_classes) for i, src in enumerate(sources)]
         fused = fuse(maps, config.fuse)
         model.load_state_dict({**target_state, **{k: f.value for k, f in fused.items()}},
                               strict=True)
@@ -317,7 +257,7 @@ class Migrate(Stage[MigrateConfig]):
         grown = _grow.init_new(growth, model, fused, head, example) if growth else set()
 
         params = dict(model.named_parameters())
-        allowed = self._allowed_init(config.allow_init, list(params), head)
+        allowed = mreport.allowed_init(config.allow_init, list(params), head)
         allowed |= {k for k in grown if k in params}  # new blocks are new on purpose
         match: dict[str, Any] = {}
         if growth is not None or config.min_function_match is not None:
@@ -332,13 +272,13 @@ class Migrate(Stage[MigrateConfig]):
             ctx.warn("no tensor was taken from a source: the model is as initialised")
 
         def write_reports(bn: dict[str, Any]) -> tuple[dict[str, Any], Path, Path]:
-            summary = self._summary(config, target_cfg, in_chans, num_classes, stem, head, maps,
+            summary = mreport.summary(config, target_cfg, in_chans, num_classes, stem, head, maps,
                                     fused, share_all, share, taken, total, bn)
             if match:
                 summary["function_match"] = match
             if growth is not None:
                 summary["growth"] = growth.report(match)
-            tensors = self._tensor_rows(target_state, params, fused, maps, allowed)
+            tensors = mreport.tensor_rows(target_state, params, fused, maps, allowed)
             for row in tensors:
                 init = growth.new_tensors().get(row["target"]) if growth is not None else None
                 if init is not None:
@@ -346,13 +286,13 @@ class Migrate(Stage[MigrateConfig]):
             report = {"summary": summary, "tensors": tensors,
                       "unused_source_tensors": {m.label: m.unused for m in maps}}
             table = ctx.path("migration.md")
-            table.write_text(_markdown(ctx.name, summary, tensors, maps), encoding="utf-8")
+            table.write_text(mreport.markdown(ctx.name, summary, tensors, maps), encoding="utf-8")
             return summary, write_json(ctx, "migration.json", report), table
 
         if share < config.min_coverage:
             _, _, table_path = write_reports({"setting": config.recalibrate_bn, "ran": False,
                                               "reasons": ["coverage below min_coverage"]})
-            missing = self._largest_missing(target_state, params, fused, maps, allowed)
+            missing = mreport.largest_missing(target_state, params, fused, maps, allowed)
             raise StageError(
                 f"coverage {share:.1%} is below min_coverage {config.min_coverage:.1%}; largest "
                 f"tensors not taken from a source: {missing}", key="min_coverage",
@@ -370,7 +310,7 @@ class Migrate(Stage[MigrateConfig]):
             migration={k: summary[k] for k in ("coverage", "coverage_required", "rules", "stem",
                                                "head", "sources")})
         folder = save_model_output(ctx, model, spec)
-        metrics, lines = _metrics(summary)
+        metrics, lines = mreport.metrics(summary)
         ctx.record(**metrics)
         for line in lines:
             ctx.highlight(line)
@@ -378,43 +318,37 @@ class Migrate(Stage[MigrateConfig]):
 
     # --------------------------------------------------------------------------------------------
 
-    def _load_source(self, ctx: StageContext, i: int, cfg: SourceConfig) -> _Source:
-        from edgemml.errors import InputError
-        from edgemml.models import build_model, load_model, read_checkpoint
-        from edgemml.models.transfer import natural_order, normalize_key
+    @staticmethod
+    def _target(ctx: StageContext, config: MigrateConfig) -> _Target:
+        """The sources and the target model, built and seeded, with what decides its shape: the
+        data's classes (else a source's), the input channels, the preprocessing."""
+        import torch
 
-        if cfg.stage is not None:
-            model, spec = load_model(ctx.input(cfg.stage)["model"])
-            stage_cfg = next(c for c in ctx.pipeline.stages if stage_name(c) == cfg.stage)
-            data = data_config(stage_cfg, ctx.pipeline, required=False)
-            return _Source(f"stage:{cfg.stage}", cfg.weight, dict(model.state_dict()),
-                           cfg.classes or spec.class_names or None,
-                           data.source if data is not None else None,
-                           spec.extra.get("preprocess"), model=model)
-        ref = cfg.checkpoint
-        assert ref is not None
-        where: str | Path = ref if ref.startswith(TORCHVISION_REF) else ctx.resolve(ref)
-        try:
-            ckpt = read_checkpoint(where, strip_prefixes=False)
-        except InputError as exc:
-            exc.key = exc.key or f"sources[{i}].checkpoint"
-            raise
-        state = ckpt.state_dict
-        notes = list(ckpt.notes)
-        if ckpt.nested_under:
-            notes.append(f"weights found under {'/'.join(ckpt.nested_under)}")
-        if cfg.arch is not None:
-            ref_model = build_model(cfg.arch, num_classes=cfg.arch.num_classes or 10,
-                                    in_chans=cfg.arch.in_chans or 3)
-            rank = {normalize_key(k): n for n, k in enumerate(ref_model.state_dict())}
-            keys = sorted(state, key=lambda k: rank.get(normalize_key(k), len(rank)))
-            state = {k: state[k] for k in keys}
-        elif isinstance(where, Path) and _is_safetensors(where):
-            state = {k: state[k] for k in natural_order(state)}
-            notes.append("safetensors stores keys sorted: alignment uses natural key order "
-                         "(give `arch:` for the true module order)")
-        return _Source(ref, cfg.weight, state, cfg.classes or ckpt.class_names, None, None, notes,
-                       arch=cfg.arch)
+        from edgemml.models import build_model
+
+        data_cfg = data_config(config, ctx.pipeline, required=False)
+        preprocess = preprocess_config(config, ctx.pipeline)
+        splits = load_stage_data(ctx, config) if data_cfg is not None else None
+        target_cfg = config.target or ctx.pipeline.config.model
+        if target_cfg is None:
+            raise ConfigError("migrate needs a target architecture", key="target",
+                              hint="add `target: {arch: torchvision/resnet18}` to the stage or a "
+                              "top-level `model:` section")
+        sources = [load_source(ctx, i, s) for i, s in enumerate(config.sources)]
+
+        classes = list(splits.classes) if splits is not None else None
+        num_classes = target_cfg.num_classes or (len(classes) if classes else None) or next(
+            (len(s.classes) for s in sources if s.classes), None)
+        if num_classes is None:
+            raise ConfigError("cannot tell the target's number of classes", key="target.num_classes",
+                              hint="set target.num_classes or give the stage data")
+        target_classes = next((c for c in [classes] + [s.classes for s in sources]
+                               if c and len(c) == num_classes), [])
+        in_chans = target_cfg.in_chans or preprocess.num_channels
+        torch.manual_seed(ctx.seed)  # initialised tensors are reproducible
+        model = build_model(target_cfg, num_classes=num_classes, in_chans=in_chans)
+        return _Target(sources, model, splits, preprocess, target_cfg, num_classes, target_classes,
+                       in_chans)
 
     @staticmethod
     def _module(model: nn.Module, name: str | None, what: str, in_chans: int) -> str:
@@ -442,24 +376,8 @@ class Migrate(Stage[MigrateConfig]):
                               f"candidates: {', '.join(candidates[:8])}")
         return name
 
-    @staticmethod
-    def _allowed_init(patterns: list[str], params: list[str], head: str) -> set[str]:
-        allowed: set[str] = set()
-        for pattern in patterns:
-            if pattern == "head":
-                hits = {p for p in params if p.startswith(head + ".")}
-            else:
-                hits = {p for p in params
-                        if fnmatch.fnmatchcase(p, pattern) or fnmatch.fnmatchcase(p, pattern + ".*")}
-            if not hits:
-                raise ConfigError(f"allow_init pattern {pattern!r} matches no target parameter",
-                                  key="allow_init",
-                                  hint=f"parameter names look like: {', '.join(params[:6])} ...")
-            allowed |= hits
-        return allowed
-
     def _recalibrate(self, ctx: StageContext, config: MigrateConfig, model: nn.Module,
-                     splits: Any, sources: list[_Source], fused: dict[str, Fused],
+                     splits: Any, sources: list[Source], fused: dict[str, Fused],
                      preprocess: PreprocessConfig) -> dict[str, Any]:
         from torch import nn
 
@@ -506,170 +424,5 @@ class Migrate(Stage[MigrateConfig]):
                                                           classes=classes)
         model.eval()
         return info
-
-    @staticmethod
-    def _summary(config: MigrateConfig, target_cfg: ModelConfig, in_chans: int, num_classes: int,
-                 stem: str, head: str, maps: list[SourceMap], fused: dict[str, Fused],
-                 share_all: float, share: float, taken: int, total: int,
-                 bn: dict[str, Any]) -> dict[str, Any]:
-        rules: dict[str, int] = {}
-        for f in fused.values():
-            rules[f.provenance[0].rule] = rules.get(f.provenance[0].rule, 0) + 1
-        stem_f = fused.get(f"{stem}.weight")
-        head_f = fused.get(f"{head}.weight")
-        head_rows = (num_classes if head_f.rows is None else int(head_f.rows.sum())) if head_f else 0
-        zero = bn.get("zero_shot_after_bn") or bn.get("zero_shot_before_bn")
-        return {
-            "target": {"arch": target_cfg.arch, "python": target_cfg.python, "in_chans": in_chans,
-                       "num_classes": num_classes},
-            "fuse": config.fuse,
-            "coverage": share_all, "coverage_required": share, "params_from_source": taken,
-            "params_total": total, "min_coverage": config.min_coverage,
-            "rules": rules,
-            "stem": {"module": stem, "adaptation": (
-                (stem_f.provenance[0].adaptation or "").removeprefix("stem ") or None
-                if stem_f else "initialised")},
-            "head": {"module": head, "rows_from_source": head_rows, "rows": num_classes,
-                     "how": (head_f.provenance[0].adaptation or "copied") if head_f else
-                     "initialised"},
-            "sources": [{"source": m.label, "weight": m.weight, "tensors_used": len(m.mapped),
-                         "tensors_unused": len(m.unused), "notes": m.notes} for m in maps],
-            "bn": {k: v for k, v in bn.items() if not k.startswith("zero_shot")},
-            "zero_shot": None if zero is None else {
-                "split": bn["zero_shot_split"], "n": zero["n"],
-                "top1_pct": zero["top1_pct"],
-                "top1_pct_before_bn": bn["zero_shot_before_bn"]["top1_pct"],
-                "top1_pct_after_bn": (bn.get("zero_shot_after_bn") or {}).get("top1_pct")},
-        }
-
-    @classmethod
-    def _largest_missing(cls, target_state: dict[str, torch.Tensor], params: dict[str, Any],
-                         fused: dict[str, Fused], maps: list[SourceMap], allowed: set[str]) -> str:
-        rows = [t for t in cls._tensor_rows(target_state, params, fused, maps, allowed)
-                if t["kind"] == "parameter" and t["status"] in ("initialised", "partial")
-                and t["target"] not in allowed]
-        rows.sort(key=lambda t: -t["numel"] * (1 - t.get("fraction", 0.0)))
-        return "; ".join(f"{t['target']} {t['shape']} ({t['numel']:,} params, "
-                         f"{t.get('reason') or t['status']})" for t in rows[:5])
-
-    @staticmethod
-    def _tensor_rows(target_state: dict[str, torch.Tensor], params: dict[str, Any],
-                     fused: dict[str, Fused], maps: list[SourceMap],
-                     allowed: set[str]) -> list[dict[str, Any]]:
-        reasons: dict[str, str] = {}
-        for m in maps:
-            for mm in m.mismatched:
-                reasons.setdefault(mm.target, f"{m.label}: {mm.describe()}")
-        rows = []
-        for key, tensor in target_state.items():
-            entry: dict[str, Any] = {"target": key, "shape": list(tensor.shape),
-                                     "numel": tensor.numel(),
-                                     "kind": "parameter" if key in params else "buffer"}
-            f = fused.get(key)
-            if f is None:
-                entry["status"] = "initialised"
-                entry["reason"] = reasons.get(key) or "no source tensor matched"
-                if key in allowed:
-                    entry["reason"] += " (allow_init)"
-            else:
-                adapted = any(p.adaptation for p in f.provenance)
-                entry["status"] = ("partial" if f.rows is not None else
-                                   "adapted" if adapted else "loaded")
-                if f.rows is not None:
-                    entry["fraction"] = float(f.rows.float().mean())
-                entry["from"] = [asdict(p) for p in f.provenance]
-            rows.append(entry)
-        return rows
-
-
-def _is_safetensors(path: Path) -> bool:
-    """The safetensors header: an 8-byte little-endian length followed by '{'."""
-    import struct
-
-    with open(path, "rb") as fh:
-        head = fh.read(9)
-    return len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= (
-        path.stat().st_size - 8)
-
-
-def _metrics(summary: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    zero = summary["zero_shot"]
-    out: dict[str, Any] = {
-        "coverage": round(summary["coverage"], 6),
-        "coverage_required": round(summary["coverage_required"], 6),
-        "tensors_by_rule": summary["rules"], "stem": summary["stem"]["adaptation"],
-        "head_rows_from_source": summary["head"]["rows_from_source"],
-        "bn_recalibrated": summary["bn"]["ran"]}
-    lines = [f"coverage {summary['coverage']:.1%} of parameters from a source "
-             f"({', '.join(f'{n} {r}' for r, n in summary['rules'].items())} tensors)"]
-    if summary["stem"]["adaptation"]:
-        lines.append(f"stem {summary['stem']['module']}: input channels "
-                     f"{summary['stem']['adaptation']}")
-    lines.append(f"head {summary['head']['module']}: {summary['head']['rows_from_source']}/"
-                 f"{summary['head']['rows']} rows from a source")
-    if zero is not None:
-        out["zero_shot_top1_pct"] = zero["top1_pct"]
-        out["zero_shot_split"] = zero["split"]
-        out["zero_shot_top1_pct_before_bn"] = zero["top1_pct_before_bn"]
-        text = f"zero-shot {zero['split']} accuracy {zero['top1_pct']:.1f}% (n={zero['n']})"
-        if zero["top1_pct_after_bn"] is not None:
-            text += f"; {zero['top1_pct_before_bn']:.1f}% before BatchNorm re-estimation"
-        lines.append(text)
-    _grow.metrics(summary, out, lines)
-    return out, lines
-
-
-def _markdown(name: str, summary: dict[str, Any], tensors: list[dict[str, Any]],
-              maps: list[SourceMap]) -> str:
-    t = summary["target"]
-    out = [f"# Migration: {name}", "",
-           f"Target: {t['arch'] or t['python']}, {t['in_chans']} input channel(s), "
-           f"{t['num_classes']} classes. Sources fused by `{summary['fuse']}`.", "",
-           f"**Coverage: {summary['coverage']:.2%}** of parameters taken from a source "
-           f"({summary['params_from_source']:,} of {summary['params_total']:,}); "
-           f"{summary['coverage_required']:.2%} outside allow_init.", "",
-           "| rule | tensors |", "|---|---|"]
-    out += [f"| {r} | {n} |" for r, n in summary["rules"].items()]
-    out += ["", f"- stem `{summary['stem']['module']}`: {summary['stem']['adaptation'] or 'copied'}",
-            f"- head `{summary['head']['module']}`: {summary['head']['rows_from_source']}/"
-            f"{summary['head']['rows']} rows from a source ({summary['head']['how']})"]
-    bn = summary["bn"]
-    out.append("- BatchNorm re-estimation: " + (
-        f"ran on {bn.get('samples')} target samples ({'; '.join(bn['reasons']) or 'asked for'})"
-        if bn["ran"] else f"not run (recalibrate_bn: {bn['setting']})"))
-    zero = summary["zero_shot"]
-    if zero is not None:
-        text = (f"- zero-shot top-1 on {zero['split']} (n={zero['n']}): "
-                f"{zero['top1_pct']:.2f}%")
-        if zero["top1_pct_after_bn"] is not None:
-            text += f" (before BatchNorm re-estimation: {zero['top1_pct_before_bn']:.2f}%)"
-        out.append(text)
-    growth = _grow.markdown(summary)
-    if growth:
-        out += ["", "## Growth and function match", ""] + growth
-    out += ["", "## Sources", "", "| source | weight | tensors used | unused | notes |",
-            "|---|---|---|---|---|"]
-    for m in maps:
-        out.append(f"| {m.label} | {m.weight:g} | {len(m.mapped)} | {len(m.unused)} | "
-                   f"{'; '.join(m.notes) or ''} |")
-    out += ["", "## Tensors", "", "| target | shape | status | source | key | rule | adaptation |",
-            "|---|---|---|---|---|---|---|"]
-    for row in tensors:
-        shape = "x".join(map(str, row["shape"])) or "scalar"
-        if row["status"] in ("initialised", "new"):
-            out.append(f"| {row['target']} | {shape} | {row['status']} | | | | {row['reason']} |")
-            continue
-        for j, p in enumerate(row["from"]):
-            share = f" (w={p['weight']:.3g})" if p["weight"] is not None else ""
-            first = (f"| {row['target']} | {shape} | {row['status']} " if j == 0
-                     else "| | | ")
-            out.append(f"{first}| {p['source']}{share} | {p['key']} | {p['rule']} | "
-                       f"{p['adaptation'] or ''} |")
-    for m in maps:
-        if m.unused:
-            out += ["", f"Unused tensors of {m.label} ({len(m.unused)}): "
-                    + ", ".join(m.unused[:40]) + (" ..." if len(m.unused) > 40 else "")]
-    return "\n".join(out) + "\n"
-
 
 STAGE = Migrate
