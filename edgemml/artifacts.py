@@ -136,10 +136,14 @@ def describe_output(path: Path, root: Path) -> dict[str, Any]:
             "sha256": digest, "files": files}
 
 
-def verify_output(record: dict[str, Any], root: Path) -> tuple[bool, str | None, bool]:
+def verify_output(record: dict[str, Any], root: Path, *,
+                  rehash: bool = True) -> tuple[bool, str | None, bool]:
     """Check an output record against disk. Returns (ok, problem, record_refreshed).
 
-    A file whose mtime moved but whose content is unchanged is fine (its mtime is refreshed).
+    rehash=True hashes every file whose size matches: a copy tool or bit rot can change bytes and
+    keep size and mtime. rehash=False trusts an unchanged (size, mtime) and hashes only files whose
+    mtime moved; a file whose mtime moved but whose content is unchanged is fine (its mtime is
+    refreshed).
     """
     refreshed = False
     target = root / record["path"]
@@ -160,11 +164,12 @@ def verify_output(record: dict[str, Any], root: Path) -> tuple[bool, str | None,
             return False, f"{rel} is missing", False
         if st.st_size != info["size"]:
             return False, f"{rel} changed on disk (size {info['size']} -> {st.st_size})", False
-        if st.st_mtime_ns != info["mtime_ns"]:
+        if rehash or st.st_mtime_ns != info["mtime_ns"]:
             if sha256_file(p) != info["sha256"]:
                 return False, f"{rel} changed on disk (sha256 differs)", False
-            info["mtime_ns"] = st.st_mtime_ns
-            refreshed = True
+            if st.st_mtime_ns != info["mtime_ns"]:
+                info["mtime_ns"] = st.st_mtime_ns
+                refreshed = True
     return True, None, refreshed
 
 
@@ -173,7 +178,7 @@ def verify_output(record: dict[str, Any], root: Path) -> tuple[bool, str | None,
 # ---------------------------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -213,7 +218,7 @@ class RunLock:
         previous = self._read_owner()
         if previous and previous.get("host") == socket.gethostname():
             pid = previous.get("pid")
-            if isinstance(pid, int) and pid != os.getpid() and not _pid_alive(pid):
+            if isinstance(pid, int) and pid != os.getpid() and not pid_alive(pid):
                 self.took_over_from = pid
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)

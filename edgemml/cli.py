@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,33 @@ from edgemml.errors import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, EdgemmlError
 
 EXIT_INTERRUPTED = 130
 
-_out = Console(highlight=False)
-_err = Console(stderr=True, highlight=False)
+# emoji=False: rich would turn ":x:" in a user's text (a path, a class name, a file's first bytes
+# quoted in an error) into an emoji; every user-provided string is also markup-escaped (_esc).
+_out = Console(highlight=False, emoji=False)
+_err = Console(stderr=True, highlight=False, emoji=False)
+
+
+def _esc(value: Any) -> str:
+    """A user-provided value (path, name, message) as literal text for rich."""
+    return escape(str(value))
+
+
+def _resume_command(command: str, target: Path, overrides: tuple[str, ...],
+                    out_dir: Path | None) -> str:
+    """The command line that repeats (and so resumes) this run: shown in crash hints."""
+    args = ["edgemml", command, str(target)]
+    for text in overrides:
+        args += ["--set", text]
+    if out_dir is not None:
+        args += ["--out", str(out_dir)]
+    return shlex.join(args)
+
+
+def _verify_option() -> Any:
+    return click.option("--verify", is_flag=True,
+                        help="Also re-hash the recorded outputs of stages the plan does not "
+                             "check (forced, downstream of a stage that re-runs, not needed by "
+                             "--only) and report any that changed.")
 
 
 def _set_option() -> Any:
@@ -55,9 +82,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
               help="Run only this stage; its inputs are taken from the run directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output; warnings and errors only.")
 @click.option("--log-json", is_flag=True, help="Print one JSON event per line on stdout.")
+@_verify_option()
 def run_command(pipeline: Path, overrides: tuple[str, ...], out_dir: Path | None, force: bool,
                 from_stage: str | None, only_stage: str | None, quiet: bool,
-                log_json: bool) -> None:
+                log_json: bool, verify: bool) -> None:
     """Run PIPELINE, skipping stages whose inputs and config did not change."""
     from edgemml.loader import load_pipeline
     from edgemml.pipeline import Runner
@@ -74,16 +102,17 @@ def run_command(pipeline: Path, overrides: tuple[str, ...], out_dir: Path | None
     else:
         reporter = JsonReporter() if log_json else QuietReporter() if quiet else RichReporter()
     runner = Runner(loaded, loaded.run_dir(out_dir), reporter, force=force, from_stage=from_stage,
-                    only_stage=only_stage, rank=rank, world_size=world)
+                    only_stage=only_stage, rank=rank, world_size=world, verify=verify,
+                    command=_resume_command("run", pipeline, overrides, out_dir))
     with reporter:
         outcomes = runner.run()
     if not quiet and not log_json:
         ran = sum(o.status == "ran" for o in outcomes)
         cached = sum(o.status == "cached" for o in outcomes)
         _out.print(f"[green]done[/]: {ran} stage(s) ran, {cached} cached; run directory: "
-                   f"{runner.run_dir}")
+                   f"{_esc(runner.run_dir)}")
         for line in _highlights(outcomes):
-            _out.print(line)
+            _out.print(_esc(line))
 
 
 class _SilentReporter:
@@ -117,21 +146,23 @@ def _highlights(outcomes: list[Any]) -> list[str]:
 @_set_option()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory to compare against (default: runs/<pipeline name>).")
-def check_command(pipeline: Path, overrides: tuple[str, ...], out_dir: Path | None) -> None:
+@_verify_option()
+def check_command(pipeline: Path, overrides: tuple[str, ...], out_dir: Path | None,
+                  verify: bool) -> None:
     """Validate PIPELINE and print which stages would run and which are cached."""
     from edgemml.loader import load_pipeline
     from edgemml.pipeline import Runner
     from edgemml.progress import QuietReporter
 
     loaded = load_pipeline(pipeline, list(overrides))
-    runner = Runner(loaded, loaded.run_dir(out_dir), QuietReporter())
-    table = Table(title=f"{loaded.config.name}: {runner.run_dir}")
+    runner = Runner(loaded, loaded.run_dir(out_dir), QuietReporter(), verify=verify)
+    table = Table(title=f"{loaded.config.name}: {_esc(runner.run_dir)}")
     for col in ("#", "stage", "type", "reads", "plan", "why"):
         table.add_column(col)
     for item, status, why in runner.dry_plan():
         colour = "green" if status == "cached" else "yellow"
         table.add_row(str(item.index + 1), item.name, item.config.type,
-                      ", ".join(item.deps) or "-", f"[{colour}]{status}[/]", why)
+                      ", ".join(item.deps) or "-", f"[{colour}]{status}[/]", _esc(why))
     _out.print(table)
     _out.print("[green]pipeline is valid[/]")
 
@@ -165,11 +196,11 @@ def stages_command(names: tuple[str, ...]) -> None:
             from edgemml.errors import ConfigError
             raise ConfigError(f"unknown stage type {name!r} (known: {', '.join(stages.names())})")
         doc = (cls.__doc__ or "").strip().splitlines()
-        table = Table(title=f"{name}: {doc[0] if doc else ''}", title_justify="left")
+        table = Table(title=_esc(f"{name}: {doc[0] if doc else ''}"), title_justify="left")
         for col in ("option", "type", "default", "description"):
             table.add_column(col, overflow="fold")
         for row in describe_fields(cls.Config):
-            table.add_row(*row)
+            table.add_row(*(_esc(cell) for cell in row))
         _out.print(table)
 
 
@@ -188,19 +219,20 @@ def validate_command(config_file: Path, overrides: tuple[str, ...], out_dir: Pat
     CONFIG_FILE holds the validate stage's options at the top level (artifacts, reference, bundle,
     gates, baseline, ...) plus optional name, seed, data and preprocess. Exits 1 when a gate fails.
     """
+    from edgemml.loader import load_standalone
     from edgemml.pipeline import Runner
     from edgemml.progress import JsonReporter, QuietReporter, RichReporter
-    from edgemml.loader import load_standalone
 
     loaded = load_standalone(config_file, list(overrides))
     reporter = JsonReporter() if log_json else QuietReporter() if quiet else RichReporter()
-    runner = Runner(loaded, loaded.run_dir(out_dir), reporter, force=force)
+    runner = Runner(loaded, loaded.run_dir(out_dir), reporter, force=force,
+                    command=_resume_command("validate", config_file, overrides, out_dir))
     with reporter:
         outcomes = runner.run()
     if not quiet and not log_json:
-        _out.print(f"[green]passed[/]: run directory {runner.run_dir}")
+        _out.print(f"[green]passed[/]: run directory {_esc(runner.run_dir)}")
         for line in _highlights(outcomes):
-            _out.print(line)
+            _out.print(_esc(line))
 
 
 @cli.command("report")
@@ -222,12 +254,12 @@ def report_command(run_dir: Path, out_dir: Path | None) -> None:
     report = load_report(path)
     failed = required_failures(report.get("gates", []))
     colour = "green" if report.get("status") == "passed" else "red"
-    _out.print(f"[{colour}]{report.get('status')}[/]: {failed} of {len(report.get('gates', []))} "
-               f"gate(s) failed ({path})")
+    _out.print(f"[{colour}]{_esc(report.get('status'))}[/]: {failed} of "
+               f"{len(report.get('gates', []))} gate(s) failed ({_esc(path)})")
     for line in failure_lines(report.get("gates", [])):
         _out.print(f"  {escape(line)}")
     for key, p in paths.items():
-        _out.print(f"  {key}: {p}")
+        _out.print(f"  {key}: {_esc(p)}")
 
 
 @cli.command("compare")
@@ -249,7 +281,7 @@ def compare_command(run_a: Path, run_b: Path, as_json: bool) -> None:
         click.echo(json.dumps({"a": str(run_a), "b": str(run_b), "metrics": rows,
                                "gates": changes}, indent=2))
         return
-    table = Table(title=f"A = {run_a} ({a.get('status')}), B = {run_b} ({b.get('status')})",
+    table = Table(title=_esc(f"A = {run_a} ({a.get('status')}), B = {run_b} ({b.get('status')})"),
                   title_justify="left")
     for col in ("artifact", "metric", "A", "B", "B - A"):
         table.add_column(col, justify="left" if col in ("artifact", "metric") else "right")
@@ -257,12 +289,12 @@ def compare_command(run_a: Path, run_b: Path, as_json: bool) -> None:
         colour = {True: "green", False: "red"}.get(r["better"])
         delta = fmt(r["delta"]) if r["delta"] is not None else (
             "only in A" if r["b"] is None else "only in B")
-        table.add_row(r["artifact"], r["metric"], fmt(r["a"]), fmt(r["b"]),
-                      f"[{colour}]{delta}[/]" if colour else delta)
+        table.add_row(_esc(r["artifact"]), _esc(r["metric"]), _esc(fmt(r["a"])), _esc(fmt(r["b"])),
+                      f"[{colour}]{_esc(delta)}[/]" if colour else _esc(delta))
     _out.print(table)
     for c in changes:
-        _out.print(f"gate {c['gate']} ({c['artifact'] or '-'}): {c['a'] or 'absent'} -> "
-                   f"{c['b'] or 'absent'}")
+        _out.print(_esc(f"gate {c['gate']} ({c['artifact'] or '-'}): {c['a'] or 'absent'} -> "
+                        f"{c['b'] or 'absent'}"))
     if not changes:
         _out.print("no gate changed status")
 
@@ -369,8 +401,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=args, prog_name="edgemml", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.Abort:
-        _err.print("aborted")
+    except click.Abort as exc:  # click turns Ctrl-C (KeyboardInterrupt) into Abort
+        _err.print(_INTERRUPTED if isinstance(exc.__cause__ or exc.__context__,
+                                              KeyboardInterrupt) else "aborted")
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
@@ -381,14 +414,36 @@ def main(argv: list[str] | None = None) -> None:
         _err.print(f"[red]error[/]: {escape(exc.format())}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        _err.print("interrupted: finished stages are kept; run the same command to resume")
+        _err.print(_INTERRUPTED)
         sys.exit(EXIT_INTERRUPTED)
-    except Exception as exc:  # a bug in edgemml: say so, show the traceback on request
+    except OSError as exc:  # a file the user named, or the run folder: theirs to fix (exit 2)
         if debug:
             traceback.print_exc()
-        _err.print(f"[red]internal error[/]: {type(exc).__name__}: {escape(str(exc))}\n"
-                   f"  run with --debug for the traceback", soft_wrap=True)
+        from edgemml.paths import os_error
+
+        _err.print(f"[red]error[/]: {_esc(os_error(exc).format())}", soft_wrap=True)
+        sys.exit(EXIT_USER_ERROR)
+    except Exception as exc:  # a bug in edgemml: say so, keep the traceback in a file
+        if debug:
+            traceback.print_exc()
+        _err.print(f"[red]internal error[/]: {type(exc).__name__}: {_esc(exc)}\n"
+                   f"  {_esc(_error_log())}", soft_wrap=True)
         sys.exit(EXIT_INTERNAL_ERROR)
+
+
+_INTERRUPTED = "interrupted: finished stages are kept; run the same command to resume"
+
+
+def _error_log() -> str:
+    """Write the current traceback to a new file in the temporary folder (a crash outside a run
+    has no run folder of its own to hold it) and say where it is."""
+    try:
+        fd, path = tempfile.mkstemp(prefix="edgemml-error-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+        return f"traceback in {path}"
+    except OSError:
+        return "run with --debug for the traceback"
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from edgemml.errors import ConfigError
+from edgemml.yamlsafe import YamlLimit, compose
 
 
 class StrictModel(BaseModel):
@@ -95,6 +96,23 @@ class SplitConfig(StrictModel):
         return self
 
 
+# Characters a class name may not hold: labels.txt has one name per line, and readers split lines
+# on more than "\n" (Python's str.splitlines also on \v \f \x1c-\x1e \x85 U+2028 U+2029).
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a class name (it is written one per line into labels.txt, drawn into
+    sample grids and printed), or None."""
+    if not name or not name.strip():
+        return "is empty"
+    if any(c in _LINE_BREAKS for c in name):
+        return "contains a line break"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "contains a control character"
+    return None
+
+
 class DataConfig(StrictModel):
     """Where samples come from. Stage-level `data:` keys override the pipeline-level section."""
 
@@ -123,6 +141,17 @@ class DataConfig(StrictModel):
         default_factory=dict, description="Source-specific options (e.g. fonts of printed-digits)."
     )
 
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            problem = class_name_problem(name)
+            if problem:
+                raise ValueError(f"class name {name!r} {problem}")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("class names must be unique")
+        return value
+
     @field_validator("source")
     @classmethod
     def _source_form(cls, value: str) -> str:
@@ -131,6 +160,22 @@ class DataConfig(StrictModel):
         if "://" in value:
             raise ValueError("remote data sources are not supported; give a local path")
         return value
+
+
+TORCHVISION_PREFIX = "torchvision/"
+
+
+def known_architectures() -> list[str]:
+    """Every torchvision classification builder as `torchvision/<name>`, sorted."""
+    import torchvision
+
+    return [TORCHVISION_PREFIX + n
+            for n in sorted(torchvision.models.list_models(module=torchvision.models))]
+
+
+def canonical_arch(arch: str) -> str:
+    """`resnet18` and `torchvision/resnet18` both name torchvision's resnet18."""
+    return arch if "/" in arch else TORCHVISION_PREFIX + arch
 
 
 class ModelConfig(StrictModel):
@@ -245,33 +290,49 @@ def stage_name(cfg: StageConfig) -> str:
 
 _SHARED_MERGE_KEYS = ("data", "preprocess")
 
-
-def _node_lines(node: yaml.Node, prefix: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
-    """Map every key path in a composed YAML tree to its 1-based line number."""
+def _node_lines(node: yaml.Node, prefix: tuple[Any, ...], out: dict[tuple[Any, ...], int],
+                seen: set[int] | None = None) -> None:
+    """Map every key path in a composed YAML tree to its 1-based line number. A node reached again
+    through an alias is not walked again (its paths fall back to the alias's own line)."""
+    seen = set() if seen is None else seen
     out.setdefault(prefix, node.start_mark.line + 1)
+    if id(node) in seen:
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
             path = prefix + (key,)
             out[path] = key_node.start_mark.line + 1
-            _node_lines(value_node, path, out)
+            _node_lines(value_node, path, out, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             path = prefix + (i,)
             out[path] = item.start_mark.line + 1
-            _node_lines(item, path, out)
+            _node_lines(item, path, out, seen)
 
 
 def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
     """safe_load the text and return it with a path -> line map. Syntax errors name the line."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        data, node = compose(text)
+    except YamlLimit as exc:
+        mark = exc.problem_mark
+        raise ConfigError(f"refused: {exc.problem}", file=file,
+                          line=mark.line + 1 if mark is not None else None,
+                          hint="pipeline files are limited in size, nesting and alias expansion; "
+                               "write the values out plainly") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = mark.line + 1 if mark is not None else None
         raise ConfigError(f"invalid YAML: {exc.problem}", file=file, line=line,
                           hint="check indentation and quoting near that line") from None
+    except yaml.YAMLError as exc:  # ReaderError: a NUL or other control character (a binary file)
+        position = getattr(exc, "position", None)
+        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"not a YAML text file: {reason}", file=file, line=line,
+                          hint="give a pipeline.yaml (plain UTF-8 text)") from None
     lines: dict[tuple[Any, ...], int] = {}
     if node is not None:
         _node_lines(node, (), lines)
@@ -287,7 +348,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"--set {text!r}: empty key")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = compose(value)[0] if value.strip() else None
+    except YamlLimit as exc:
+        raise ConfigError(f"--set {text!r}: refused: {exc.problem}") from None
     except yaml.YAMLError:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML") from None
     return parts, parsed

@@ -74,6 +74,7 @@ class Subject:
     reference: str | None = None
     model: Any = None  # the torch module of a reference
     macs_from: str | None = None
+    in_chans: int | None = None  # input channels a torch reference records in its model.json
 
 
 @dataclass
@@ -96,6 +97,31 @@ def open_subject(subject: Subject, threads: int) -> runtimes.Runner:
                                                      name=subject.name)
     return runtimes.open_artifact(subject.path, threads=threads, exact=subject.mode == "exact",
                                   name=subject.name)
+
+
+def check_input_shape(subject: Subject, runner: runtimes.Runner, sample_shape: tuple[int, ...],
+                      spec: dict[str, Any]) -> None:
+    """The model's declared input (rank, channels, a static size) must be what the preprocessing
+    makes, or the runtime fails mid-measurement with its own words: say which setting differs."""
+    actual = (1, *sample_shape)
+    declared = runner.input_shape
+    if subject.in_chans is not None:  # a torch model: its recorded input channels
+        channel_axis = (1 if spec.get("layout", "NCHW") == "NCHW" else -1) % len(actual)
+        declared = tuple(subject.in_chans if i == channel_axis else None
+                         for i in range(len(actual)))
+    if declared is None:
+        return
+    if len(declared) == len(actual) and all(d is None or d == a
+                                            for d, a in zip(declared[1:], actual[1:])):
+        return
+    shown = "[" + ", ".join("N" if i == 0 or d is None else str(d)
+                            for i, d in enumerate(declared)) + "]"
+    raise InputError(
+        f"{subject.name} takes input {shown}, but the preprocessing makes "
+        f"[N, {', '.join(map(str, actual[1:]))}] (channels: {spec.get('channels')}, size: "
+        f"{list(spec.get('size', []))}, layout: {spec.get('layout')})", file=subject.path,
+        key="preprocess",
+        hint="set preprocess: (channels, size, layout) to what the model was exported with")
 
 
 def logits_of(runner: runtimes.Runner, samples: Samples,

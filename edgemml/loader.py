@@ -12,7 +12,7 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from edgemml import stages as stage_registry
 from edgemml.config import (
@@ -25,24 +25,20 @@ from edgemml.config import (
     _deep_merge,
     _did_you_mean,
     apply_overrides,
+    canonical_arch,
+    known_architectures,
     parse_yaml,
     stage_name,
 )
 from edgemml.errors import ConfigError, InputError
+from edgemml.yamlsafe import read_yaml_text
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> LoadedPipeline:
     """Read, override and validate a pipeline file. Every problem raises ConfigError with the line."""
     path = Path(path)
     file = str(path)
-    if not path.is_file():
-        raise InputError(f"pipeline file not found: {path}",
-                         hint="give the path of a pipeline.yaml, e.g. pipelines/quickstart.yaml")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read pipeline file: {exc}", file=file) from None
-    raw, lines = parse_yaml(text, file)
+    raw, lines = parse_yaml(read_yaml_text(path), file)
     if not isinstance(raw, dict):
         raise ConfigError("a pipeline file must be a mapping with name and stages", file=file, line=1)
     origins = apply_overrides(raw, list(overrides or []))
@@ -93,6 +89,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Loade
             raise
         configs.append(cfg)
 
+    _check_architectures(top, configs, file, ctx)
     _check_stage_graph(configs, file, ctx, top.model)
     loaded = LoadedPipeline(top, configs, path, raw)
     #: the file's sweeps (edgemml.sweep.Sweep), for the stages that present them (validate)
@@ -132,6 +129,45 @@ def _expand_sweeps(stages: list[Any], file: str,
             exc.file = file
             exc.line = ctx.line_for(("stages", index, sweep.SWEEP_KEY))
         raise
+
+
+def _model_configs(model: BaseModel, path: tuple[Any, ...]) -> list[tuple[tuple[Any, ...],
+                                                                          ModelConfig]]:
+    """(key path, ModelConfig) of every model section inside a validated config."""
+    found: list[tuple[tuple[Any, ...], ModelConfig]] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            where = path + ((name,) if i is None else (name, i))
+            if isinstance(item, ModelConfig):
+                found.append((where, item))
+            elif isinstance(item, BaseModel):
+                found += _model_configs(item, where)
+    return found
+
+
+def _check_architectures(top: PipelineConfig, configs: list[StageConfig], file: str,
+                         ctx: ErrorContext) -> None:
+    """Refuse, at load time (so `edgemml check` does too), an architecture torchvision does not
+    have: `run` would refuse it only when the stage builds the model."""
+    found = [(("model",), "model", top.model)] if top.model is not None else []
+    for i, cfg in enumerate(configs):
+        found += [(("stages", i) + p, f"stages[{i}].{cfg.type}" + "".join(
+            f"[{k}]" if isinstance(k, int) else f".{k}" for k in p), m)
+            for p, m in _model_configs(cfg, ())]
+    found = [f for f in found if f[2].arch is not None]
+    if not found:
+        return
+    known = known_architectures()
+    for where, key, model in found:
+        if canonical_arch(str(model.arch)) not in known:
+            hint = _did_you_mean(canonical_arch(str(model.arch)), known)
+            raise ConfigError(f"unknown architecture {model.arch!r}: not one of torchvision's "
+                              f"{len(known)} classification models",
+                              file=file, line=ctx.line_for(where + ("arch",)), key=f"{key}.arch",
+                              hint=(hint + " " if hint else "") + "or use model.python: "
+                              "package.module:factory for your own architecture")
 
 
 def _check_stage_graph(configs: list[StageConfig], file: str, ctx: ErrorContext,
@@ -178,10 +214,10 @@ def load_standalone(path: Path, overrides: list[str] | None = None) -> LoadedPip
 
     path = Path(path)
     file = str(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"validation file not found: {path}",
                          hint="give a YAML file with artifacts:, data: and gates:")
-    raw, lines = parse_yaml(path.read_text(encoding="utf-8"), file)
+    raw, lines = parse_yaml(read_yaml_text(path, "validation file"), file)
     if not isinstance(raw, dict):
         raise ConfigError("the file must be a mapping (artifacts:, data:, gates: ...)", file=file,
                           line=1)

@@ -27,6 +27,7 @@ from edgemml.artifacts import (
     RunLock,
     canonical_json,
     describe_output,
+    pid_alive,
     read_json,
     replace_dir,
     sha256_file,
@@ -35,11 +36,15 @@ from edgemml.artifacts import (
     write_text_atomic,
 )
 from edgemml.config import LoadedPipeline, StageConfig, stage_name
-from edgemml.errors import ArtifactError, ConfigError, EdgemmlError, GateFailed
+from edgemml.errors import ArtifactError, ConfigError, EdgemmlError, GateFailed, StageError
+from edgemml.paths import RUN_FORMAT, check_run_dir, list_files, make_run_dir, os_error
 from edgemml.stages import get as get_stage
 from edgemml.stages.base import Reporter, Stage, StageContext, StageOutputs
 
 RECORD_SCHEMA = 1
+#: re-hash every output of a cached stage on every run (measured: the quickstart's cached re-run
+#: stays within its 3 s budget, see README); False would trust an unchanged size and mtime
+HASH_ALWAYS = True
 PARTIAL_MARK = ".edgemml-partial"
 #: versions recorded in every stage.json (whether or not they enter the fingerprint)
 RECORDED_DISTRIBUTIONS = ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf",
@@ -142,7 +147,11 @@ def code_hash(cls: type[Stage]) -> str:
 
 
 class _DataHashCache:
-    """sha256 of data files, computed once per (path, size, mtime) within a run."""
+    """sha256 of data files, computed once per (path, size, mtime) within a run.
+
+    Every path is checked before it is read (paths.list_files): a device file, a socket or a folder
+    over the size limits is refused with exit 2 instead of being hashed forever.
+    """
 
     def __init__(self) -> None:
         self._cache: dict[tuple[str, int, int], str] = {}
@@ -150,14 +159,20 @@ class _DataHashCache:
     def digest(self, path: Path) -> str:
         if not path.exists():
             return "missing"
+        files = list_files(path, what="input")
         if path.is_dir():
-            parts = {p.relative_to(path).as_posix(): self.digest(p)
-                     for p in sorted(path.rglob("*")) if p.is_file()}
+            parts = {p.relative_to(path).as_posix(): self._file(p) for p in files}
             return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-        if key not in self._cache:
-            self._cache[key] = sha256_file(path)
+        return self._file(path)
+
+    def _file(self, path: Path) -> str:
+        try:
+            st = path.stat()
+            key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+            if key not in self._cache:
+                self._cache[key] = sha256_file(path)
+        except OSError as exc:
+            raise os_error(exc, path, doing="read") from None
         return self._cache[key]
 
 
@@ -193,6 +208,15 @@ def fingerprint_inputs(item: PlannedStage, pipeline: LoadedPipeline,
     if extra:  # absent when empty, so adding the hook left every existing cache valid
         out["extra"] = extra
     return out
+
+
+def _recorded_stage(folder: Path) -> str | None:
+    """The stage name in folder/stage.json, when it is an edgemml stage record."""
+    try:
+        record = read_json(folder / STAGE_RECORD)
+    except (OSError, ValueError):
+        return None
+    return record.get("stage") if isinstance(record, dict) and "fingerprint" in record else None
 
 
 def fingerprint_of(inputs: dict[str, Any]) -> str:
@@ -245,9 +269,14 @@ class Runner:
 
     def __init__(self, pipeline: LoadedPipeline, run_dir: Path, reporter: Reporter, *,
                  force: bool = False, from_stage: str | None = None,
-                 only_stage: str | None = None, rank: int = 0, world_size: int = 1) -> None:
+                 only_stage: str | None = None, rank: int = 0, world_size: int = 1,
+                 verify: bool = False, command: str | None = None) -> None:
         self.pipeline = pipeline
         self.run_dir = Path(os.path.abspath(run_dir))
+        #: re-hash the recorded outputs of every stage, also those the plan would not look at
+        self.verify = verify
+        #: the command that resumes this run (shown in crash hints): the user's own, --out included
+        self.command = command or f"edgemml run {pipeline.path}"
         self.reporter = reporter
         self.force = force
         self.from_stage = from_stage
@@ -269,12 +298,14 @@ class Runner:
     # ---- paths and records -------------------------------------------------------------------
 
     def stage_dir(self, item: PlannedStage) -> Path:
-        """The stage's folder; a folder of the same stage under an old number is renamed."""
+        """The stage's folder; a folder of the same stage under an old number is renamed (only
+        one that holds this stage's own stage.json: nothing else is edgemml's to move)."""
         final = self.run_dir / item.dir_name
         if not final.exists() and self.run_dir.exists() and not self._dry:
             pattern = re.compile(rf"^\d\d-{re.escape(item.name)}$")
-            for other in self.run_dir.iterdir():
-                if other.is_dir() and pattern.match(other.name) and other != final:
+            for other in sorted(self.run_dir.iterdir()):
+                if (pattern.match(other.name) and other != final and other.is_dir()
+                        and not other.is_symlink() and _recorded_stage(other) == item.name):
                     os.replace(other, final)
                     break
         return final
@@ -304,17 +335,38 @@ class Runner:
             return False, "previous attempt did not finish"
         if fp is not None and record.get("fingerprint") != fp:
             return False, "changed"
-        refreshed = False
-        for key, out in record.get("outputs", {}).items():
-            ok, problem, ref = verify_output(out, final)
-            if not ok:
-                self.reporter.event("warning", stage=item.name,
-                                    message=f"output {key!r} {problem}; the stage re-runs")
-                return False, f"output {key!r} {problem}"
-            refreshed |= ref
+        problem, refreshed = self._output_problem(final, record)
+        if problem is not None:
+            self.reporter.event("warning", stage=item.name,
+                                message=f"{problem}; the stage re-runs")
+            return False, problem
         if refreshed and not self._dry:
             write_json_atomic(final / STAGE_RECORD, record)
         return True, "unchanged"
+
+    def _output_problem(self, final: Path, record: dict[str, Any]) -> tuple[str | None, bool]:
+        """(what differs from the record, or None; whether recorded mtimes were refreshed).
+        Every output file is re-hashed (HASH_ALWAYS): size and mtime alone miss a copy tool that
+        keeps times, `touch -r` or bit rot."""
+        refreshed = False
+        for key, out in record.get("outputs", {}).items():
+            ok, problem, ref = verify_output(out, final, rehash=HASH_ALWAYS or self.verify)
+            if not ok:
+                return f"output {key!r} {problem}", False
+            refreshed |= ref
+        return None, refreshed
+
+    def _verify_unchecked(self, item: PlannedStage, why: str) -> str:
+        """--verify: re-hash the recorded outputs of a stage the plan does not look at (forced,
+        or not needed by --only), and say so when they changed."""
+        record = self._read_record(self.stage_dir(item)) if self.run_dir.exists() else None
+        if not self.verify or record is None or record.get("status") != "done":
+            return why
+        problem, _ = self._output_problem(self.stage_dir(item), record)
+        if problem is None:
+            return f"{why}; recorded outputs verified"
+        self.reporter.event("warning", stage=item.name, message=f"--verify: {problem}")
+        return f"{why}; --verify: {problem}"
 
     def outputs_from_record(self, item: PlannedStage, record: dict[str, Any]) -> StageOutputs:
         final = self.stage_dir(item)
@@ -379,8 +431,14 @@ class Runner:
                 from exc
 
     def _run_main(self) -> list[StageOutcome]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(self.run_dir).acquire()
+        check_run_dir(self.run_dir)
+        make_run_dir(self.run_dir)
+        try:
+            lock = RunLock(self.run_dir).acquire()
+            self._claim()
+        except OSError as exc:
+            raise os_error(exc, self.run_dir, doing="write in the run folder",
+                           run_dir=self.run_dir) from None
         started = time.time()
         error: BaseException | None = None
         try:
@@ -388,13 +446,26 @@ class Runner:
                 self.reporter.event("warning", stage="run", message=(
                     f"the previous run (pid {lock.took_over_from}) ended without finishing; "
                     f"resuming"))
+            self._remove_orphans()
             self._run_locked()
+        except OSError as exc:  # the runner's own reads and writes in the run folder
+            error = os_error(exc, self.run_dir, run_dir=self.run_dir)
+            raise error from None
+        except (EdgemmlError, KeyboardInterrupt) as exc:
+            error = exc
+            raise
+        except Exception as exc:  # a bug in the runner itself: exit 3, with its error.log
+            error = self._internal_error("the runner crashed", exc)
+            raise error from exc
         except BaseException as exc:
             error = exc
             raise
         finally:
             try:
                 self._write_summary(started, error)
+            except OSError as exc:  # e.g. the disk is full: keep the error that stopped the run
+                if error is None:
+                    raise os_error(exc, self.run_dir, run_dir=self.run_dir) from None
             finally:
                 lock.release()
         failures = [(o.name, g) for o in self.outcomes for g in o.gate_failures]
@@ -417,7 +488,7 @@ class Runner:
 
         for item in self.plan:
             if needed is not None and item.name not in needed:
-                self._outcome(item, "not-run", "not needed by --only")
+                self._outcome(item, "not-run", self._verify_unchecked(item, "not needed by --only"))
                 continue
             final = self.stage_dir(item)
             record = self._read_record(final)
@@ -442,7 +513,7 @@ class Runner:
                         "its outputs are from an older configuration; --only uses them anyway"))
                 reason = "used as input of --only"
             elif forced:
-                cached, reason = False, "forced"
+                cached, reason = False, self._verify_unchecked(item, "forced")
             else:
                 cached, reason = self.check_cached(item, fp, record)
                 if reason == "changed":
@@ -473,6 +544,40 @@ class Runner:
             write_json_atomic(self.run_dir / MANIFEST, manifest)
         write_json_atomic(self.run_dir / MANIFEST, manifest)
 
+    def _claim(self) -> None:
+        """Mark a new (or empty) run folder as edgemml's, before anything else is written in it."""
+        if not (self.run_dir / MANIFEST).exists():
+            write_json_atomic(self.run_dir / MANIFEST, self._manifest_base())
+
+    def _remove_orphans(self) -> None:
+        """Delete what interrupted runs left that no stage of this pipeline will resume: work
+        folders of stages that were renamed, renumbered or removed (`.NN-name.partial`), and the
+        previous results a replaced stage folder was moved to (`.NN-name.old-PID`)."""
+        wanted = {f".{p.dir_name}.partial" for p in self.plan}
+        pattern = re.compile(r"^\.\d\d-[A-Za-z][A-Za-z0-9_-]*\.(partial|old-(\d+))$")
+        for entry in sorted(self.run_dir.iterdir()):
+            m = pattern.match(entry.name)
+            if m is None or entry.name in wanted or entry.is_symlink() or not entry.is_dir():
+                continue
+            if m.group(2) is not None and pid_alive(int(m.group(2))):
+                continue  # another process is replacing that folder right now
+            shutil.rmtree(entry)
+            self.reporter.event("message", stage="run", message=(
+                f"removed {entry.name}, left by an interrupted run (no stage of this pipeline "
+                f"resumes it)"))
+
+    def _internal_error(self, what: str, exc: BaseException) -> InternalError:
+        """A bug in edgemml (exit 3): the traceback goes to the run folder's error.log."""
+        log = self.run_dir / "error.log"
+        try:
+            write_text_atomic(log, traceback.format_exc())
+            where = f"traceback in {log}"
+        except OSError:
+            where = "run with --debug for the traceback"
+        return InternalError(f"{what}: {type(exc).__name__}: {exc}",
+                             hint=f"{where}; resume with: {self.command} (finished stages are "
+                                  f"kept)")
+
     def _needed_for(self, index: int) -> set[str]:
         by_name = {p.name: p for p in self.plan}
         needed: set[str] = set()
@@ -484,18 +589,31 @@ class Runner:
                 todo.extend(by_name[name].deps)
         return needed
 
-    def _execute(self, item: PlannedStage, fp: str, fp_inputs: dict[str, Any], reason: str,
-                 results: dict[str, StageOutputs], manifest: dict[str, Any]) -> dict[str, Any]:
+    def _prepare_partial(self, item: PlannedStage, fp: str) -> Path:
+        """The stage's work folder: an interrupted attempt's is resumed only by a stage that says
+        it resumes idempotently (Stage.resumable) and only with the same fingerprint; any other
+        is discarded, so no stage ever runs on top of half of an earlier attempt's files."""
         partial = self.partial_dir(item)
         mark = partial / PARTIAL_MARK
+        if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+            raise ArtifactError(
+                f"{partial} is {'a symbolic link' if partial.is_symlink() else 'not a folder'}; "
+                f"edgemml does not follow or delete what it did not create",
+                hint="remove it, then run again")
         if partial.exists():
-            if mark.exists() and mark.read_text().strip() == fp:
+            same = mark.is_file() and mark.read_text().strip() == fp
+            if same and getattr(item.stage_cls, "resumable", False):
                 self.reporter.event("message", stage=item.name,
                                     message="resuming from an interrupted attempt")
             else:
                 shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
         write_text_atomic(mark, fp)
+        return partial
+
+    def _execute(self, item: PlannedStage, fp: str, fp_inputs: dict[str, Any], reason: str,
+                 results: dict[str, StageOutputs], manifest: dict[str, Any]) -> dict[str, Any]:
+        partial = self._prepare_partial(item, fp)
         progress_manifest = dict(manifest)
         progress_manifest["stages"] = manifest["stages"] + [
             self._manifest_entry(item, fp, "running")]
@@ -522,16 +640,18 @@ class Runner:
             if getattr(exc, "stage", "missing") is None:
                 exc.stage = item.name  # type: ignore[attr-defined]
             raise
+        except OSError as exc:  # a full disk, a read-only folder, an unreadable input: exit 2
+            seconds = time.perf_counter() - t0
+            self.reporter.event("stage_failed", stage=item.name, seconds=seconds)
+            error = os_error(exc, partial, doing=None if exc.filename else "write in",
+                             run_dir=self.run_dir)
+            self._outcome(item, "failed", error.message, seconds)
+            raise StageError(error.message, stage=item.name, hint=error.hint) from exc
         except Exception as exc:
             seconds = time.perf_counter() - t0
             self.reporter.event("stage_failed", stage=item.name, seconds=seconds)
             self._outcome(item, "failed", f"{type(exc).__name__}: {exc}", seconds)
-            log = self.run_dir / "error.log"
-            write_text_atomic(log, traceback.format_exc())
-            raise InternalError(
-                f"stage {item.name!r} crashed: {type(exc).__name__}: {exc}",
-                hint=f"traceback in {log}; resume with: edgemml run {self.pipeline.path} "
-                     f"(finished stages are kept)") from exc
+            raise self._internal_error(f"stage {item.name!r} crashed", exc) from exc
         seconds = time.perf_counter() - t0
         record = self._finalize(item, partial, outputs, fp, fp_inputs, ctx, seconds, started_at)
         self.reporter.event("stage_end", stage=item.name, seconds=seconds,
@@ -595,8 +715,9 @@ class Runner:
             out.highlights if out else [], out.gate_failures if out else []))
 
     def _manifest_base(self) -> dict[str, Any]:
-        return {"schema": RECORD_SCHEMA, "pipeline": self.pipeline.config.name,
-                "pipeline_file": str(self.pipeline.path), "edgemml": __version__, "stages": []}
+        return {"format": RUN_FORMAT, "schema": RECORD_SCHEMA,
+                "pipeline": self.pipeline.config.name, "pipeline_file": str(self.pipeline.path),
+                "edgemml": __version__, "stages": []}
 
     def _manifest_entry(self, item: PlannedStage, fp: str | None, status: str) -> dict[str, Any]:
         return {"name": item.name, "type": item.config.type, "dir": item.dir_name,
@@ -638,17 +759,24 @@ class Runner:
     # ---- dry plan (edgemml check) ------------------------------------------------------------
 
     def dry_plan(self) -> list[tuple[PlannedStage, str, str]]:
-        """(stage, 'cached' | 'run', why) for each stage, without running or locking anything."""
+        """(stage, 'cached' | 'run', why) for each stage, without running or locking anything.
+
+        Refuses (exit 2) what a run would refuse: a run folder that is not edgemml's, and input
+        paths that are devices or over the size limits, in every stage."""
         self._dry = True
+        check_run_dir(self.run_dir)
         hashes: dict[str, dict[str, str]] = {}
         will_run: set[str] = set()
         out: list[tuple[PlannedStage, str, str]] = []
         for item in self.plan:
+            for path in item.stage_cls.data_files(item.config, self.pipeline):
+                list_files(path, what="input")
             upstream = [d for d in item.deps if d in will_run]
             if self.force:
-                status, why = "run", "forced"
+                status, why = "run", self._verify_unchecked(item, "forced")
             elif upstream:
-                status, why = "run", f"input {upstream[0]!r} runs first"
+                status, why = "run", self._verify_unchecked(item, f"input {upstream[0]!r} runs "
+                                                                  f"first")
             else:
                 fp_inputs = fingerprint_inputs(item, self.pipeline, {}, hashes, self._data_hashes)
                 record = self._read_record(self.stage_dir(item)) if self.run_dir.exists() else None

@@ -39,11 +39,12 @@ class QuietReporter:
     """Prints warnings only (stderr)."""
 
     def __init__(self) -> None:
-        self.err = Console(stderr=True, highlight=False)
+        self.err = Console(stderr=True, highlight=False, emoji=False)
 
     def event(self, kind: str, **data: Any) -> None:
         if kind == "warning":
-            self.err.print(f"[yellow]warning[/]: {data.get('stage', '')}: {escape(str(data['message']))}")
+            self.err.print(f"[yellow]warning[/]: {escape(str(data.get('stage', '')))}: "
+                           f"{escape(str(data['message']))}")
 
     @contextlib.contextmanager
     def progress(self, description: str, total: float | None) -> Iterator[_NullHandle]:
@@ -100,9 +101,9 @@ class _RichHandle:
         if total is not None:
             kwargs["total"] = total
         if description is not None:
-            kwargs["description"] = description
+            kwargs["description"] = escape(description)
         if fields:
-            kwargs["info"] = "  ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
+            kwargs["info"] = escape("  ".join(f"{k}={_fmt(v)}" for k, v in fields.items()))
         self._progress.update(self._task, **kwargs)
 
 
@@ -114,7 +115,9 @@ class RichReporter:
     """Bars for the stages and for long work inside a stage; messages above the bars."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console(stderr=True, highlight=False)
+        # emoji=False and escape(): stage messages carry user text (paths, class names, file
+        # contents) that rich must print as it is, not read as markup or ":emoji:" codes
+        self.console = console or Console(stderr=True, highlight=False, emoji=False)
         self._progress = Progress(
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -143,7 +146,8 @@ class RichReporter:
             if self._stage_task is not None:
                 p.advance(self._stage_task)
         elif kind == "stage_start":
-            p.console.print(f"[bold]▶ {data['stage']}[/] ({data['type']}): {escape(data['reason'])}")
+            p.console.print(f"[bold]▶ {data['stage']}[/] ({escape(data['type'])}): "
+                            f"{escape(data['reason'])}")
         elif kind == "stage_end":
             p.console.print(f"[green]✓ {data['stage']}[/] done in {data['seconds']:.1f} s")
             if self._stage_task is not None:
@@ -151,15 +155,16 @@ class RichReporter:
         elif kind == "stage_failed":
             p.console.print(f"[red]✗ {data['stage']}[/] failed after {data['seconds']:.1f} s")
         elif kind == "warning":
-            p.console.print(f"[yellow]warning[/]: {data.get('stage', '')}: {escape(str(data['message']))}")
+            p.console.print(f"[yellow]warning[/]: {escape(str(data.get('stage', '')))}: "
+                            f"{escape(str(data['message']))}")
         elif kind == "message":
-            p.console.print(f"  {data.get('stage', '')}: {escape(str(data['message']))}")
+            p.console.print(f"  {escape(str(data.get('stage', '')))}: {escape(str(data['message']))}")
         elif kind == "run_end":
             pass
 
     @contextlib.contextmanager
     def progress(self, description: str, total: float | None) -> Iterator[_RichHandle]:
-        task = self._progress.add_task(f"  {description}", total=total, info="")
+        task = self._progress.add_task(f"  {escape(description)}", total=total, info="")
         try:
             yield _RichHandle(self._progress, task)
         finally:

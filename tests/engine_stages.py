@@ -65,6 +65,7 @@ class ToyScaleConfig(StageConfig):
     crash: bool = Field(False, description="Raise a plain exception (a bug).")
     gate_max: int | None = Field(None, description="Fail a gate when the result exceeds this.")
     also_read: str | None = Field(None, description="Another earlier stage to read.")
+    write_mb: int = Field(0, ge=0, description="Also write a file of this many MiB (disk full).")
 
 
 @register
@@ -90,11 +91,20 @@ class ToyScale(Stage[ToyScaleConfig]):
             raise StageError("asked to fail", stage=ctx.name, key="fail", hint="set fail: false")
         if config.crash:
             raise RuntimeError("simulated bug")
-        if config.sleep_s:
+        # Not idempotent on purpose, like copying a folder into place (shutil.copytree): a work
+        # folder left by a killed attempt must not be reused as it is.
+        (ctx.work_dir / "copied").mkdir()
+        if config.write_mb:
+            with open(ctx.path("model/blob.bin"), "wb") as f:
+                for _ in range(config.write_mb):
+                    f.write(b"\0" * (1 << 20))
+        # EDGEMML_TEST_PAUSE=<stage name> pauses like sleep_s, without changing the fingerprint
+        pause = 60.0 if os.environ.get("EDGEMML_TEST_PAUSE") == ctx.name else config.sleep_s
+        if pause:
             marker = os.environ.get("EDGEMML_TEST_STARTED")
             if marker:
                 Path(marker).write_text(ctx.name)
-            time.sleep(config.sleep_s)
+            time.sleep(pause)
         result = value * config.factor
         out = ctx.path("model/value.txt")
         out.write_text(str(result))

@@ -19,8 +19,16 @@ from torch.utils.data import Dataset
 
 from edgemml.config import DataConfig, PreprocessConfig, SplitConfig
 from edgemml.data.preprocess import normalize_spec, preprocess_image, to_pil
-from edgemml.data.sources import RawData, is_builtin, load_image_folder, load_source, source_files
+from edgemml.data.sources import (
+    RawData,
+    check_class_names,
+    is_builtin,
+    load_image_folder,
+    load_source,
+    source_files,
+)
 from edgemml.errors import InputError
+from edgemml.paths import list_files
 
 Augment = Callable[[Image.Image], Image.Image]
 
@@ -302,6 +310,7 @@ def load_data(cfg: DataConfig, preprocess: PreprocessConfig, *, seed: int, base_
             notes.append(f"train_per_class={cfg.train_per_class}: classes with fewer training "
                          f"samples kept all of them: {', '.join(short)}")
         sets["train"] = train.subset(keep, "train")
+    _check_classes(classes, sets["train"], cfg.source, notes)
     if len(sets["train"]) == 0:
         raise InputError(f"the train split of {cfg.source} is empty", key="data.split.train",
                          hint="raise data.split.train or add samples")
@@ -312,13 +321,29 @@ def load_data(cfg: DataConfig, preprocess: PreprocessConfig, *, seed: int, base_
                       cfg.source, calib, notes)
 
 
+def _check_classes(classes: list[str], train: ImageDataset, source: str, notes: list[str]) -> None:
+    """A classifier needs two classes or more, each one a line of printable text; classes
+    without a training sample are worth a warning (the model can never learn them)."""
+    check_class_names(list(classes), source)
+    if len(classes) < 2:
+        raise InputError(f"{source} has {len(classes)} class ({', '.join(map(repr, classes))}); a "
+                         f"classifier needs at least 2 (its accuracy would be 100 % by "
+                         f"construction)", key="data.source",
+                         hint="lay the images out as root/<class name>/*.png with a folder per class")
+    empty = [c for c, n in train.class_counts().items() if n == 0]
+    if empty and len(train):
+        notes.append(f"classes without any training sample (the model cannot learn them): "
+                     f"{', '.join(map(repr, empty[:10]))}{' ...' if len(empty) > 10 else ''}")
+
+
 def load_calibration_folder(folder: Path, classes: list[str], spec: dict[str, Any]) -> ImageDataset:
     """Images of a calibration folder: root/<class>/* (labelled when names match) or flat (label -1)."""
     from edgemml.data.sources import _is_image_file, read_image_file
 
     if not folder.is_dir():
         raise InputError(f"calibration folder not found: {folder}", key="data.calibration")
-    files = sorted(p for p in folder.rglob("*") if _is_image_file(p))
+    files = list_files(folder, key="data.calibration", what="calibration folder",
+                       keep=_is_image_file)
     if not files:
         raise InputError(f"calibration folder {folder} has no images", key="data.calibration")
     index = {c: i for i, c in enumerate(classes)}

@@ -50,7 +50,9 @@ def save_sample_grid(dataset_or_images: Any, labels: Sequence[int] | None = None
         for lab in sorted(by_class)[:max_rows]:
             name = (class_names[lab] if class_names is not None and 0 <= lab < len(class_names)
                     else str(lab))
-            rows.append((name, by_class[lab]))
+            # drawn as one line of text: a control character (newline, U+2028) would make
+            # Pillow refuse it, after the whole training
+            rows.append(("".join(c if c.isprintable() else "?" for c in name), by_class[lab]))
 
     font = ImageFont.load_default(size=max(10, cell // 3))
     label_w = 0

@@ -7,6 +7,7 @@ Images are decoded eagerly so that an unreadable file is reported, by name, befo
 
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from edgemml.config import class_name_problem
 from edgemml.data.preprocess import IMAGE_EXTENSIONS, load_image
 from edgemml.errors import InputError
+from edgemml.paths import list_files
 
 BUILTINS = ("builtin:digits", "builtin:printed-digits")
 
@@ -59,12 +62,68 @@ def list_image_folder(root: Path, *, key: str = "data.source") -> dict[str, list
                          hint="lay the images out as root/<class name>/*.png, one folder per class")
     out: dict[str, list[Path]] = {}
     for d in class_dirs:
-        files = sorted(p for p in d.rglob("*") if _is_image_file(p))
+        files = list_files(d, key=key, what="class folder", keep=_is_image_file)
         if not files:
             raise InputError(f"class folder {d} has no images ({', '.join(IMAGE_EXTENSIONS)})",
                              file=d, key=key, hint="add images or remove the empty folder")
         out[d.name] = files
     return out
+
+
+def _shown(paths: list[str]) -> str:
+    return ", ".join(repr(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3
+                                                     else "")
+
+
+def skipped_in_folder(root: Path) -> list[str]:
+    """Notes (warnings) on what an image folder holds that is not read, so that nothing is
+    dropped silently: hidden class folders, images outside any class folder, hidden images and
+    symbolic links that point nowhere."""
+    notes: list[str] = []
+    try:
+        top = sorted(os.listdir(root))
+    except OSError:
+        return notes
+    hidden = [n for n in top if n.startswith(".") and (root / n).is_dir()]
+    if hidden:
+        notes.append(f"{root}: ignored hidden folders {_shown(hidden)} (names starting with '.')")
+    loose = [n for n in top if _is_image_file(root / n)]
+    if loose and any((root / n).is_dir() and not n.startswith(".") for n in top):
+        notes.append(f"{root}: ignored {len(loose)} image(s) outside the class folders: "
+                     f"{_shown(loose)}")
+    broken: list[str] = []
+    hidden_images: list[str] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not (Path(folder) == root and d.startswith(".")))
+        for name in sorted(files):  # a link that points nowhere is listed as a file
+            p = Path(folder) / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink() and not p.exists():
+                broken.append(rel)
+            elif name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS:
+                hidden_images.append(rel)
+    if broken:
+        notes.append(f"{root}: ignored {len(broken)} symbolic link(s) that point nowhere: "
+                     f"{_shown(sorted(broken))}")
+    if hidden_images:
+        notes.append(f"{root}: ignored {len(hidden_images)} hidden image file(s): "
+                     f"{_shown(sorted(hidden_images))}")
+    return notes
+
+
+def check_class_names(names: list[str], source: str, *, key: str = "data.source") -> None:
+    """Refuse class names that would break labels.txt (one name per line), the sample grid or the
+    console: line breaks (U+2028 included), control characters, empty or repeated names."""
+    for name in names:
+        problem = class_name_problem(name)
+        if problem:
+            raise InputError(f"class name {name!r} {problem}", file=source, key=key,
+                             hint="rename the class folder (or fix the class list) so that every "
+                                  "class name is one line of printable text")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"class names {_shown(repeated)} occur more than once", file=source,
+                         key=key, hint="give every class a different name")
 
 
 def read_image_file(path: Path) -> np.ndarray:
@@ -80,7 +139,7 @@ def load_image_folder(root: Path, classes: list[str] | None = None, *,
                       key: str = "data.source") -> RawData:
     """Decode every image of root/<class>/. `classes` (optional) picks and orders the classes."""
     tree = list_image_folder(root, key=key)
-    notes: list[str] = []
+    notes: list[str] = skipped_in_folder(root)
     if classes is not None:
         missing = [c for c in classes if c not in tree]
         if missing:
@@ -229,9 +288,8 @@ def load_source(source: str, path: Path | None, *, classes: list[str] | None, sa
 
 
 def source_files(path: Path) -> list[Path]:
-    """Files whose bytes define a file source (for cache fingerprints)."""
+    """Files whose bytes define a file source (for cache fingerprints); a device file or a folder
+    over the size limits is refused before anything is read (paths.list_files)."""
     if path.is_file():
-        return [path]
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if _is_image_file(p))
-    return []
+        return list_files(path, key="data.source")
+    return list_files(path, key="data.source", what="data folder", keep=_is_image_file)

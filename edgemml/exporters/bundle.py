@@ -12,7 +12,7 @@ Layout (format "edgemml-bundle", version 1):
       samples/NNN_<label>.png   held-out images with the predictions the pipeline made on them
 
 manifest.json:
-    format, format_version, pipeline, stage, created (UTC), versions {edgemml, torch, onnx, ...}
+    format, format_version, pipeline, stage, versions {edgemml, torch, onnx, ...}
     preprocess, labels (file names), classes [..], default_model (a models[].file)
     models: [{key (onnx-fp32 ...), file, files [every file of the model], format (onnx|openvino),
               precision (fp32|fp16|int8), runtime (onnxruntime|openvino), inference_precision
@@ -29,21 +29,25 @@ whose file table pins every other file.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
 import stat
 import tarfile
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from edgemml.artifacts import atomic_path, sha256_file, write_json_atomic
+from edgemml.config import class_name_problem
 from edgemml.errors import InputError, VerificationError
 
 BUNDLE_FORMAT = "edgemml-bundle"
 BUNDLE_VERSION = 1
 MANIFEST = "manifest.json"
+#: time stamp of every member of bundle.tar.gz (2000-01-01 UTC): a fixed time keeps the archive
+#: byte-identical for the same bundle; the stage's stage.json says when it was made
+ARCHIVE_MTIME = 946684800
 #: the ed25519 signature of manifest.json (exporters/signing.py), when the bundle is signed
 SIGNATURE = "manifest.sig"
 #: files the table cannot list: the manifest cannot hold its own hash; the signature signs it
@@ -60,9 +64,21 @@ def copy_support_files(bundle: Path, preprocess_spec: dict[str, Any], classes: l
     shutil.copyfile(pre_module.__file__, bundle / "preprocess.py")
     (bundle / "preprocess.json").write_text(json.dumps(preprocess_spec, indent=2) + "\n",
                                             encoding="utf-8")
-    if any("\n" in c or "\r" in c for c in classes):
-        raise ValueError("class names may not contain line breaks (labels.txt has one per line)")
+    for c in classes:
+        problem = class_name_problem(c)
+        if problem:  # the data layer refuses these first; labels.txt must stay one name per line
+            raise InputError(f"class name {c!r} {problem}; labels.txt holds one name per line")
     (bundle / "labels.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
+
+
+def read_labels(path: Path) -> list[str]:
+    """labels.txt as predict.py reads it: one name per "\n"-terminated line (not splitlines(),
+    which also splits on U+2028 and other separators a name might hold)."""
+    text = path.read_text(encoding="utf-8")
+    labels = text.split("\n")
+    if labels and labels[-1] == "":
+        labels.pop()
+    return labels
 
 
 def scan_files(bundle: Path) -> dict[str, Path]:
@@ -100,9 +116,12 @@ def file_table(bundle: Path) -> dict[str, dict[str, Any]]:
 
 
 def write_manifest(bundle: Path, manifest: dict[str, Any]) -> Path:
-    """Fill format, time and the file table, and write manifest.json."""
-    full = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **manifest,
+    """Fill format and the file table, and write manifest.json.
+
+    No time stamp: the same models must give the same bytes, or re-running the export stage
+    (after a crash, with --from) would make every later stage re-run (the stage's stage.json
+    records when it ran)."""
+    full = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, **manifest,
             "files": file_table(bundle)}
     path = bundle / MANIFEST
     write_json_atomic(path, full)
@@ -110,14 +129,18 @@ def write_manifest(bundle: Path, manifest: dict[str, Any]) -> Path:
 
 
 def write_archive(bundle: Path, archive: Path) -> Path:
-    """bundle/ as a .tar.gz whose single top folder is the bundle's name; stable member order,
-    no owner names, so the same bundle gives the same member list."""
+    """bundle/ as a .tar.gz whose single top folder is the bundle's name: stable member order, no
+    owner names, and fixed times (members and gzip header at ARCHIVE_MTIME), so the same bundle
+    gives the same bytes."""
     def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid = info.gid = 0
         info.uname = info.gname = ""
+        info.mtime = ARCHIVE_MTIME
         return info
 
-    with atomic_path(archive) as tmp, tarfile.open(tmp, "w:gz") as tar:
+    with atomic_path(archive) as tmp, open(tmp, "wb") as raw, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=ARCHIVE_MTIME) as gz, \
+            tarfile.open(fileobj=gz, mode="w") as tar:
         tar.add(bundle, arcname=bundle.name, recursive=False, filter=clean)
         for p in sorted(bundle.rglob("*")):
             tar.add(p, arcname=f"{bundle.name}/{p.relative_to(bundle).as_posix()}",

@@ -8,6 +8,7 @@ AVX-512 BF16 unless compiled with INFERENCE_PRECISION_HINT=f32.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +70,31 @@ def convert_to_ir(source: nn.Module | Path, folder: Path, *, example: torch.Tens
                              f"{str(exc).splitlines()[0][:300]}",
                              hint="try openvino.source: onnx (or torch)") from exc
     _name_io(model, input_name, output_name)
-    ov.save_model(model, str(folder / IR_XML), compress_to_fp16=(weights == "fp16"))
+    save_ir(model, folder / IR_XML, compress_to_fp16=(weights == "fp16"))
     return IrExport(folder=folder, source=kind, weights=weights, input_name=input_name,
                     output_name=output_name)
+
+
+_COUNTED_NAME = re.compile(r"^(.*)_(\d+)$")
+
+
+def save_ir(model: Any, xml: Path, *, compress_to_fp16: bool) -> None:
+    """openvino.save_model with names that do not depend on the process's history.
+
+    OpenVINO names the nodes it creates `<Type>_<N>`, N a counter shared by every model the process
+    built before, and the model `Model<N>`: the same network converted after another one (as in a
+    run that resumes at export, having converted fewer models first) is written with other names,
+    so other bytes, and every later stage re-runs. Here the model gets a fixed name and each such
+    suffix becomes the node's position in the graph's topological order.
+    """
+    import openvino as ov
+
+    model.set_friendly_name("edgemml")
+    for i, op in enumerate(model.get_ordered_ops()):
+        m = _COUNTED_NAME.match(op.get_friendly_name())
+        if m is not None:
+            op.set_friendly_name(f"{m.group(1)}_{i}")
+    ov.save_model(model, str(xml), compress_to_fp16=compress_to_fp16)
 
 
 def ir_signature(folder: Path) -> dict[str, list[dict[str, Any]]]:

@@ -515,6 +515,20 @@ def self_check(bundle: Bundle, pre: types.ModuleType, spec: dict, labels: list[s
     return 1 if failures else 0
 
 
+def read_labels(bundle: Bundle, manifest: dict) -> list[str]:
+    """labels.txt, one name per "\n"-terminated line (str.splitlines() would also split on U+2028
+    and other separators a name might hold, shifting every label), checked against the class list
+    in manifest.json."""
+    labels = bundle.read(manifest["labels"], check=True).decode("utf-8").split("\n")
+    if labels and labels[-1] == "":
+        labels.pop()
+    classes = manifest.get("classes")
+    if classes is not None and labels != classes:
+        raise Refused(f"{manifest['labels']} ({len(labels)} lines) does not match the "
+                      f"{len(classes)} classes in manifest.json (corrupted or edited)")
+    return labels
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -551,7 +565,7 @@ def run(argv: list[str] | None) -> int:
 
         Image.MAX_IMAGE_PIXELS = args.max_pixels
     spec = json.loads(bundle.read(manifest["preprocess"], check=True))
-    labels = bundle.read(manifest["labels"], check=True).decode("utf-8").splitlines()
+    labels = read_labels(bundle, manifest)
     model_file = args.model or manifest["default_model"]
     if args.list:
         for m in manifest["models"]:

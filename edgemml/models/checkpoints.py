@@ -29,6 +29,7 @@ from torch import nn
 
 from edgemml.errors import InputError
 from edgemml.models.unsafe_pickle import refuse_pickle
+from edgemml.paths import check_input_file
 
 TORCHVISION_REF = "torchvision:"
 # Keys under which checkpoints nest the weights, in order of preference.
@@ -110,6 +111,7 @@ def read_file(path: str | Path) -> Any:
         raise InputError(f"{path} is a folder, not a checkpoint file", file=path,
                          hint="give a .pt/.pth/.bin/.safetensors file (for a saved edgemml model use "
                          "its folder with load_model)")
+    check_input_file(path, what="checkpoint")  # a device or a huge file: refused before reading
     kind = _sniff(path)
     if kind == "empty":
         raise InputError("checkpoint file is empty", file=path)

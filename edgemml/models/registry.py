@@ -15,22 +15,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from edgemml.config import ModelConfig
+from edgemml.config import (  # noqa: F401 - re-exported: the config loader checks names too
+    TORCHVISION_PREFIX,
+    ModelConfig,
+    canonical_arch,
+    known_architectures,
+)
 from edgemml.errors import ConfigError
-
-TORCHVISION_PREFIX = "torchvision/"
-
-
-def known_architectures() -> list[str]:
-    """Every torchvision classification builder as `torchvision/<name>`, sorted."""
-    import torchvision
-
-    return [TORCHVISION_PREFIX + n for n in sorted(torchvision.models.list_models(module=torchvision.models))]
-
-
-def canonical_arch(arch: str) -> str:
-    """`resnet18` and `torchvision/resnet18` both name torchvision's resnet18."""
-    return arch if "/" in arch else TORCHVISION_PREFIX + arch
 
 
 def _import_factory(ref: str) -> Callable[..., nn.Module]:

@@ -9,6 +9,7 @@ modules of the recorded shapes, and loads the weights with strict=True, so nothi
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,29 @@ def save_model(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(folder / MODEL_WEIGHTS) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "edgemml": "model"})
+        _sort_metadata(str(tmp))
     write_text_atomic(folder / MODEL_SPEC, spec_to_json(spec))
+
+
+def _sort_metadata(path: str) -> None:
+    """Sort the `__metadata__` keys of a safetensors file in place.
+
+    safetensors writes them from a Rust HashMap, whose order changes from one process to the next:
+    the same weights saved twice gave different bytes, so every stage after them re-ran. The
+    header is JSON padded with spaces to its recorded length; the sorted one has the same length.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None)
+        if not isinstance(meta, dict):
+            return
+        header = {"__metadata__": dict(sorted(meta.items())), **header}
+        data = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(data) > n:  # cannot happen for the same content; never corrupt the file
+            return
+        f.seek(8)
+        f.write(data + b" " * (n - len(data)))
 
 
 def spec_to_json(spec: ModelSpec) -> str:

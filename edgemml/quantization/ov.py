@@ -17,6 +17,7 @@ import numpy as np
 
 from edgemml import runtimes
 from edgemml.errors import StageError
+from edgemml.exporters.openvino import save_ir
 from edgemml.quantization.budget import Searched, score
 from edgemml.runtimes.openvino import IR_XML
 
@@ -148,8 +149,7 @@ def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, setting
     import openvino as ov
 
     model = ov.convert_model(str(fp32_onnx))
-    ov.save_model(quantize_ov(model, calibration, settings), str(out_dir / IR_XML),
-                  compress_to_fp16=False)
+    save_ir(quantize_ov(model, calibration, settings), out_dir / IR_XML, compress_to_fp16=False)
     logits, precision = _logits(out_dir / IR_XML, val_x)
     plain = score(logits, val_y, ref, fp32_pct)
     final, search = plain, None
@@ -160,7 +160,7 @@ def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, setting
                                     settings, max_drop_pp=budget_pp,
                                     max_float_layers=max_float_layers, accuracy=_top1)
         shutil.rmtree(out_dir)
-        ov.save_model(q, str(out_dir / IR_XML), compress_to_fp16=False)
+        save_ir(q, out_dir / IR_XML, compress_to_fp16=False)
         logits, precision = _logits(out_dir / IR_XML, val_x)
         final = score(logits, val_y, ref, fp32_pct)
         search = {"budget_pp": budget_pp, "method": "nncf.quantize_with_accuracy_control",

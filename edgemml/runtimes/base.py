@@ -35,6 +35,8 @@ class Runner:
     static_batch: int | None = None
     #: input / output dtypes and shapes, and quantization parameters of int8 I/O
     io: dict[str, Any] = field(default_factory=dict)
+    #: the input shape the graph declares (None for a dynamic dimension), when the runtime says
+    input_shape: tuple[int | None, ...] | None = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.fn(x)

@@ -65,14 +65,31 @@ def open(path: Path, *, threads: int | None, exact: bool = False,
     precision = "int8" if stored == "int8" else "f16" if in_dtype == np.float16 else "f32"
     io = {"input": inp.name, "input_dtype": inp.type, "input_shape": list(inp.shape),
           "output": out0.name, "output_dtype": out0.type}
-    return Runner(name or path.name, NAME, threads or 0, precision, run, static, io)
+    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in inp.shape or ())
+    return Runner(name or path.name, NAME, threads or 0, precision, run, static, io, shape)
+
+
+def load_onnx(path: Path, *, external_data: bool = True) -> Any:
+    """onnx.load, with a truncated or foreign file reported as the user's input (exit 2) rather
+    than protobuf's DecodeError escaping as a crash."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - DecodeError, ValueError, ...: all mean "unreadable"
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"{path.name} is not a readable ONNX model (truncated or corrupt?): "
+                         f"{type(exc).__name__}: {first}", file=path,
+                         hint="re-export or re-copy the file") from None
 
 
 def files(path: Path) -> list[Path]:
     """The .onnx file and its external-data files."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_onnx(path, external_data=False)
     locations = {entry.value for t in model.graph.initializer
                  if t.data_location == onnx.TensorProto.EXTERNAL
                  for entry in t.external_data if entry.key == "location"}
@@ -83,7 +100,7 @@ def stored_precision(path: Path) -> str:
     """int8 (quantization operators), fp16 (fp16 weights) or fp32, read from the graph."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    model = load_onnx(path, external_data=False)
     if {n.op_type for n in model.graph.node} & INT8_OPS:
         return "int8"
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
@@ -98,7 +115,7 @@ def macs_params(path: Path) -> tuple[int | None, int]:
     import onnx
     from onnx import shape_inference
 
-    model = onnx.load(str(path))
+    model = load_onnx(path)
     graph = model.graph
     quant_params = {n.input[i] for n in graph.node
                     if n.op_type in ("QuantizeLinear", "DequantizeLinear")

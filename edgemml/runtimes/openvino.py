@@ -106,7 +106,9 @@ def runner_for(compiled: Any, precision: str, *, threads: int | None, name: str)
 
     io = {"input": sorted(compiled.input(0).get_names()), "input_shape": str(pshape),
           "output": sorted(out_port.get_names())}
-    return Runner(name, NAME, threads or 0, precision, run, static, io)
+    shape = tuple(d.get_length() if d.is_static else None for d in pshape) \
+        if pshape.rank.is_static else None
+    return Runner(name, NAME, threads or 0, precision, run, static, io, shape)
 
 
 def open(path: Path, *, threads: int | None, exact: bool = False,

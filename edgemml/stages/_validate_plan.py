@@ -47,7 +47,7 @@ def _torch_subject(name: str, folder: Path, stage: str | None) -> tuple[Subject,
 
     model, spec = load_model(folder)
     return Subject(name, "torch", "torch", "fp32", "reference", folder, stage=stage,
-                   model=model), spec
+                   model=model, in_chans=spec.in_chans), spec
 
 
 def artifact_subjects(name: str, path: Path, *, key: str | None = None, stage: str | None = None,
@@ -248,3 +248,27 @@ def make_plan(ctx: StageContext, config: ValidateConfig) -> Plan:
         s for n, (s, _) in planner.refs.items() if n != plan.primary]
     plan.subjects = refs + arts
     return plan
+
+
+def check_bundle_labels(folder: Path, classes: list[str]) -> None:
+    """The names a bundle prints come from its labels.txt, read the way its predict.py reads it:
+    they must be the classes measured here, in order, or every figure is right and every printed
+    label wrong."""
+    from edgemml.exporters.bundle import read_labels
+
+    manifest = read_json(folder / "manifest.json")
+    name = manifest.get("labels") if isinstance(manifest, dict) else None
+    path = folder / str(name or "labels.txt")
+    if not path.is_file():
+        if name is None:
+            return  # a bundle made elsewhere that prints no names
+        raise InputError(f"the bundle's manifest names {name}, which is missing", file=folder,
+                         hint="re-export the bundle (edgemml run ... --from export)")
+    labels = read_labels(path)
+    if labels != classes:
+        diff = next((i for i, (a, b) in enumerate(zip(labels, classes)) if a != b),
+                    min(len(labels), len(classes)))
+        raise InputError(f"{path.name} has {len(labels)} names, which differ from the "
+                         f"{len(classes)} classes validated from line {diff + 1} on (predict.py "
+                         f"would print wrong labels)", file=path,
+                         hint="re-export the bundle (edgemml run ... --from export)")

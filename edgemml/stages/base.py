@@ -152,6 +152,9 @@ class Stage(ABC, Generic[C]):
     provides: ClassVar[tuple[str, ...]] = ("model",)
     #: the stage reads every earlier stage (ctx.inputs has them all), e.g. validate
     reads_all_earlier: ClassVar[bool] = False
+    #: the stage resumes an interrupted attempt from what it left in its work folder, and does so
+    #: idempotently (finetune's epoch checkpoints); otherwise the runner empties the folder first
+    resumable: ClassVar[bool] = False
 
     @classmethod
     def needs_input(cls, config: C) -> bool:

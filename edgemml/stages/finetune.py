@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 
 from edgemml.config import DataConfig, ModelConfig, PreprocessConfig, StageConfig, StrictModel
 from edgemml.errors import ConfigError, InputError
+from edgemml.paths import check_input_file
 from edgemml.stages import common
 from edgemml.stages.base import Stage, StageContext
 from edgemml.training_config import TrainOptions
@@ -97,13 +98,14 @@ class FinetuneConfig(TrainOptions, StageConfig):
         return TrainConfig.model_validate({**opts, "distill": distill.model_dump()})
 
 
-def _checkpoint_files(ref: str | None, pipeline: LoadedPipeline) -> list[Path]:
+def _checkpoint_files(ref: str | None, pipeline: LoadedPipeline, key: str) -> list[Path]:
     if ref is None:
         return []
     if ref.startswith("torchvision:"):
         from edgemml.models.checkpoints import torchvision_weights_path
         return [torchvision_weights_path(ref[len("torchvision:"):])[0]]
-    return [pipeline.resolve_path(ref)]
+    # a regular file of bounded size, checked before it is hashed
+    return [check_input_file(pipeline.resolve_path(ref), what="checkpoint", key=key)]
 
 
 def _resolve_ref(ctx: StageContext, ref: str) -> str | Path:
@@ -136,6 +138,8 @@ class Finetune(Stage[FinetuneConfig]):
     provides = ("model", "history", "curves", "report", "samples")
     #: every torchrun process runs this stage (DDP); the runner runs other stages on rank 0 alone
     distributed: ClassVar[bool] = True
+    #: an interrupted attempt resumes after its last epoch checkpoint (training.train)
+    resumable: ClassVar[bool] = True
 
     @classmethod
     def needs_input(cls, config: FinetuneConfig) -> bool:
@@ -151,9 +155,9 @@ class Finetune(Stage[FinetuneConfig]):
     @classmethod
     def data_files(cls, config: FinetuneConfig, pipeline: LoadedPipeline) -> list[Path]:
         files = common.stage_data_files(config, pipeline)
-        files += _checkpoint_files(config.init_checkpoint, pipeline)
+        files += _checkpoint_files(config.init_checkpoint, pipeline, "init_checkpoint")
         if config.teacher is not None:
-            files += _checkpoint_files(config.teacher.checkpoint, pipeline)
+            files += _checkpoint_files(config.teacher.checkpoint, pipeline, "teacher.checkpoint")
         return files
 
     # ---- preparing the student and the teacher (rank 0) -----------------------------------------

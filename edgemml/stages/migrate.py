@@ -24,6 +24,7 @@ from edgemml.config import (
     StrictModel,
 )
 from edgemml.errors import ConfigError, StageError
+from edgemml.paths import check_input_file
 from edgemml.stages import _grow
 from edgemml.stages import _migrate_report as mreport
 from edgemml.stages._migrate_sources import TORCHVISION_REF, Source, load_source, map_onto
@@ -211,7 +212,7 @@ class Migrate(Stage[MigrateConfig]):
     @classmethod
     def data_files(cls, config: MigrateConfig, pipeline: LoadedPipeline) -> list[Path]:
         files = stage_data_files(config, pipeline)
-        for s in config.sources:
+        for i, s in enumerate(config.sources):
             if s.checkpoint is None:
                 continue
             if s.checkpoint.startswith(TORCHVISION_REF):
@@ -222,8 +223,9 @@ class Migrate(Stage[MigrateConfig]):
                     files.append(torchvision_weights_path(s.checkpoint[len(TORCHVISION_REF):])[0])
                 except InputError:
                     continue  # unknown name: run() reports it
-            else:
-                files.append(pipeline.resolve_path(s.checkpoint))
+            else:  # a regular file of bounded size, checked before it is hashed
+                files.append(check_input_file(pipeline.resolve_path(s.checkpoint), what="checkpoint",
+                                              key=f"sources[{i}].checkpoint"))
         return files
 
     # --------------------------------------------------------------------------------------------

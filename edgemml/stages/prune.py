@@ -14,7 +14,7 @@ this module holds the options and the stage class.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -172,6 +172,8 @@ class PruneStage(Stage[PruneConfig]):
     Config = PruneConfig
     requires = ("torch", "torchvision", "torch-pruning")
     provides = ("model", "report")
+    #: the (seeded) search runs again; recovery resumes after its last epoch checkpoint
+    resumable: ClassVar[bool] = True
 
     @classmethod
     def data_files(cls, config: PruneConfig, pipeline: LoadedPipeline) -> list[Path]:

@@ -171,7 +171,7 @@ class ValidateStage(Stage[ValidateConfig]):
     def run(self, ctx: StageContext, config: ValidateConfig) -> dict[str, Path]:
         from edgemml.data.datasets import stratified_sample
         from edgemml.roofline import describe as describe_roofline
-        from edgemml.stages._validate_plan import make_plan
+        from edgemml.stages._validate_plan import check_bundle_labels, make_plan
 
         plan = make_plan(ctx, config)
         preprocess, _ = common.model_preprocess(plan.preprocess, config, ctx.pipeline,
@@ -189,6 +189,8 @@ class ValidateStage(Stage[ValidateConfig]):
             raise StageError(f"the model's classes ({', '.join(plan.classes[:12])}) differ from "
                              f"the data's ({', '.join(classes[:12])})", key="data",
                              hint="validate on data with the label set the model was trained on")
+        if plan.bundle is not None:
+            check_bundle_labels(plan.bundle[1], classes)
         entries, roof = _measure_all(ctx, config, plan, dataset, classes)
         section = None
         if config.robustness is not None:
@@ -208,7 +210,8 @@ def _measure_all(ctx: StageContext, config: ValidateConfig, plan: Plan, dataset:
                  classes: list[str]) -> tuple[list[dict[str, Any]], Any]:
     """Every subject on the same samples, references first (their logits are what artifacts are
     compared with)."""
-    from edgemml.evaluation import LatencySettings, Samples, count_macs, measure, open_subject
+    from edgemml.evaluation import (LatencySettings, Samples, check_input_shape, count_macs,
+                                    measure, open_subject)
 
     samples = Samples(dataset, config.batch_size)
     lat = config.latency
@@ -221,6 +224,7 @@ def _measure_all(ctx: StageContext, config: ValidateConfig, plan: Plan, dataset:
         for subject in plan.subjects:
             bar.update(description=f"{ctx.name}: {subject.name}")
             runner = open_subject(subject, config.threads)
+            check_input_shape(subject, runner, samples.shape, dataset.spec)
             ref = subject.reference or subject.name
             measured[subject.name] = measure(
                 subject, runner, samples, classes, reference=measured.get(ref),

@@ -4,6 +4,7 @@ and a pruned resnet18; the bundle's predict.py in an environment without torch o
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -99,6 +100,7 @@ def test_bundle_predict_runs_without_torch_and_matches_the_pipeline(tmp_path, mo
     import hashlib
 
     from edgemml import runtimes
+    from edgemml.artifacts import sha256_file
     from edgemml.data.datasets import as_arrays, evenly_spaced
 
     write(tmp_path / "pipeline.yaml", HEAD + f"""
@@ -141,6 +143,49 @@ def test_bundle_predict_runs_without_torch_and_matches_the_pipeline(tmp_path, mo
                            env=env, capture_output=True, text=True, cwd=tmp_path)
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.count("6/6 samples as in the pipeline") == 4
+    # the command export prints leaves the bundle as it was (no __pycache__/): nothing re-runs
+    assert not list(bundle.rglob("__pycache__")), sorted(bundle.rglob("*"))
+    again = run_cli("run", "pipeline.yaml", cwd=tmp_path, env=_env())
+    assert again.returncode == 0 and "0 stage(s) ran, 3 cached" in again.stdout, _explain(again)
+
+    # export re-run in a process that converted nothing before it (the first run had quantized
+    # first): byte-identical outputs (OpenVINO names, bundle manifest, archive), so a later stage
+    # would stay cached
+    def digests() -> dict[str, str]:
+        record = json.loads((stage / "stage.json").read_text())
+        return {k: v["sha256"] for k, v in record["outputs"].items()}
+
+    before = digests()
+    rerun = run_cli("run", "pipeline.yaml", "--from", "export", cwd=tmp_path, env=_env())
+    assert rerun.returncode == 0, _explain(rerun)
+    assert digests() == before
+
+    # labels.txt with a U+2028 inside a name, its sha256 in the manifest updated to match (as a
+    # tool that wrote such a name would): not caught by the file table, but predict.py reads it
+    # one name per "\n" line, finds 10 names that differ from the manifest's classes and refuses;
+    # so does `edgemml validate`
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle, tampered / "bundle")
+    labels = tampered / "bundle/labels.txt"
+    labels.write_text(labels.read_text().replace("3\n", "3\u2028x\n"), encoding="utf-8")
+    tampered_manifest = json.loads((tampered / "bundle/manifest.json").read_text())
+    tampered_manifest["files"]["labels.txt"] = {"sha256": sha256_file(labels),
+                                                "bytes": labels.stat().st_size}
+    (tampered / "bundle/manifest.json").write_text(json.dumps(tampered_manifest, indent=2))
+    listed = subprocess.run([sys.executable, "-s", str(tampered / "bundle/predict.py"),
+                             str(bundle / "samples")], env=env, capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert listed.returncode != 0 and "does not match the 10 classes" in listed.stderr
+    write(tampered / "v.yaml", """
+        name: t
+        data: {source: "builtin:digits"}
+        preprocess: {size: [32, 32], channels: gray}
+        bundle: bundle
+    """)
+    proc = run_cli("validate", "v.yaml", cwd=tampered, env=_env())
+    assert proc.returncode == 2, _explain(proc)
+    assert "labels.txt has 10 names, which differ from the 10 classes validated from line 4 on" \
+        in " ".join(proc.stderr.split())
 
     # the pipeline's own view of the same held-out images: its dataset items, its runtime
     test = digits().test
@@ -184,3 +229,32 @@ def test_opset_is_checked_and_fallback_reported(tmp_path):
     assert not (tmp_path / "b.onnx").exists()
     res = export_onnx(model, x, tmp_path / "c.onnx", opset=18, exporter="auto")
     assert (res.exporter, res.opset, res.fallback_reason) == ("dynamo", 18, None)
+
+
+def _convert_in_a_new_process(tmp_path: Path, name: str, warm: bool) -> bytes:
+    """model.xml of one small network, converted by a fresh process (after another network when
+    `warm`, as in a run that quantized before exporting)."""
+    script = f"""
+import torch
+from torch import nn
+from pathlib import Path
+from edgemml.exporters.openvino import convert_to_ir
+
+def net(c):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, c, 3), nn.BatchNorm2d(c), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(c, 3)).eval()
+
+if {warm}:
+    convert_to_ir(net(5), Path(r"{tmp_path}") / "other", example=torch.zeros(2, 1, 8, 8))
+convert_to_ir(net(4), Path(r"{tmp_path}") / "{name}", example=torch.zeros(2, 1, 8, 8))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    return (tmp_path / name / "model.xml").read_bytes()
+
+
+def test_openvino_ir_bytes_do_not_depend_on_what_the_process_did_before(tmp_path):
+    assert _convert_in_a_new_process(tmp_path, "cold", False) == \
+        _convert_in_a_new_process(tmp_path, "warm", True)

@@ -293,6 +293,35 @@ def test_validate_command_on_files_made_elsewhere(base: Path) -> None:
     assert typo.returncode == 2 and "gates.all.max_sise_mb: unknown key" in typo.stderr, _explain(typo)
 
 
+def test_validate_command_refuses_unusable_models_with_exit_2(base: Path) -> None:
+    """A truncated file, a model for other channels, a model for another static size: the user's
+    input, so exit 2 naming the file and the setting (these were crashes, exit 3)."""
+    ext = base / "unusable"
+    ext.mkdir()
+    model = (base / "runs/vt/02-vt_export/model.onnx").read_bytes()
+    (ext / "net.onnx").write_bytes(model)
+    (ext / "trunc.onnx").write_bytes(model[:len(model) // 2])
+    cases = [("trunc.onnx", "size: [16, 16], channels: gray",
+              "trunc.onnx is not a readable ONNX model (truncated or corrupt?)"),
+             ("net.onnx", "size: [16, 16], channels: rgb",
+              "net.onnx: preprocess: onnx-fp32 takes input [N, 1, 16, 16], but the preprocessing "
+              "makes [N, 3, 16, 16] (channels: rgb"),
+             ("net.onnx", "size: [8, 8], channels: gray",
+              "takes input [N, 1, 16, 16], but the preprocessing makes [N, 1, 8, 8]")]
+    for i, (file, pre, words) in enumerate(cases):
+        write(ext / f"c{i}.yaml", f"""
+            name: c{i}
+            data: {{source: "builtin:digits"}}
+            preprocess: {{{pre}, mean: [0.5], std: [0.5]}}
+            artifacts: [{{path: {file}}}]
+            latency: {{runs: 2, warmup: 0, batch: 4, throughput_runs: 1}}
+        """)
+        proc = run_cli("validate", f"c{i}.yaml", "--out", f"out{i}", cwd=ext)
+        assert proc.returncode == 2, _explain(proc)
+        assert words in " ".join(proc.stderr.split()) and "Traceback" not in proc.stderr, \
+            _explain(proc)
+
+
 ROBUST = ("stages.validate.robustness={fgsm: {eps: [2/255, 8/255]}, pgd: {eps: 8/255, steps: 3}, "
           "corruptions: [contrast, gaussian_noise], severity: [1, 5]}")
 

@@ -318,6 +318,55 @@ def test_folder_errors(tmp_path: Path) -> None:
         _load(tmp_path, "builtin:mnist")
 
 
+def _tree(root: Path, layout: dict[str, int]) -> Path:
+    for name, n in layout.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("L", (8, 8), color=20 * i).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("layout, match", [
+    ({"a\u2028b": 3, "c": 3}, r"class name 'a\\u2028b' contains a line break"),  # shifted labels.txt
+    ({"a\nb": 3, "c": 3}, r"class name 'a\\nb' contains a line break"),  # crashed the sample grid
+    ({"a\tb": 3, "c": 3}, r"class name 'a\\tb' contains a control character"),
+    ({"only": 6}, r"has 1 class \('only'\); a classifier needs at least 2"),
+])
+def test_class_names_that_break_labels_and_single_classes_are_refused(
+        tmp_path: Path, layout: dict[str, int], match: str) -> None:
+    _tree(tmp_path / "imgs", layout)
+    with pytest.raises(InputError, match=match):
+        _load(tmp_path, "imgs")
+
+
+def test_what_an_image_folder_holds_but_is_not_read_is_reported(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "imgs", {"a": 4, "b": 4, ".thumbs": 2})
+    (root / "b" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "c").symlink_to(tmp_path / "no-folder")
+    Image.new("L", (8, 8)).save(root / "loose.png")
+    Image.new("L", (8, 8)).save(root / "a" / "._a.png")
+    splits = _load(tmp_path, "imgs", split=SplitConfig(train=1.0, val=0.0, test=0.0))
+    notes = "\n".join(splits.notes)
+    assert splits.classes == ["a", "b"] and len(splits.train) == 8
+    assert "ignored hidden folders '.thumbs'" in notes
+    assert "ignored 2 symbolic link(s) that point nowhere: 'b/gone.png', 'c'" in notes
+    assert "ignored 1 image(s) outside the class folders: 'loose.png'" in notes
+    assert "ignored 1 hidden image file(s): 'a/._a.png'" in notes
+
+
+def test_class_without_training_samples_is_reported(tmp_path: Path) -> None:
+    x = np.zeros((6, 4, 4), np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(6, np.int64), classes=np.array(["a", "b"]))
+    splits = _load(tmp_path, "d.npz")
+    assert any("without any training sample" in n and "'b'" in n for n in splits.notes)
+
+
+def test_sample_grid_draws_any_class_name(tmp_path: Path) -> None:
+    imgs = [np.full((8, 8), 40 * i, np.uint8) for i in range(4)]
+    out = save_sample_grid(imgs, [0, 0, 1, 1], ["line\nbreak", "sep\u2028arator"], tmp_path / "g.png")
+    assert out.stat().st_size > 100
+
+
 def test_dataset_rejects_impossible_channels() -> None:
     ds = ImageDataset([np.zeros((4, 4, 2), np.uint8)], [0], ["a"], PreprocessConfig())
     with pytest.raises(InputError, match="shape"):

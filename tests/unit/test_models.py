@@ -228,6 +228,36 @@ def test_no_temp_files_left(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
 
 
+def test_saved_weights_are_byte_identical_across_processes(tmp_path: Path) -> None:
+    """safetensors writes its metadata from a Rust HashMap (another key order in every process):
+    the same weights must still give the same file, or every later stage re-runs."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+from pathlib import Path
+from edgemml.config import ModelConfig
+from edgemml.models import ModelSpec, build_model, save_model
+torch.manual_seed(0)
+cfg = ModelConfig(arch="torchvision/squeezenet1_1")
+model = build_model(cfg, num_classes=3, in_chans=1)
+save_model(model, ModelSpec.from_config(cfg, num_classes=3, in_chans=1), Path(sys.argv[1]))
+"""
+    files = []
+    for i in range(4):  # unsorted, each process would pick one of two orders: 1 in 16 to pass
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        files.append((tmp_path / str(i) / "model.safetensors").read_bytes())
+        assert b'{"__metadata__":{"edgemml":"model","format":"pt"},' in files[-1][:200]
+    assert all(f == files[0] for f in files)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "0/model.safetensors"), "pt") as f:
+        assert f.metadata() == {"edgemml": "model", "format": "pt"}
+
+
 def test_bn_momentum_option_sets_every_batchnorm_and_survives_reload(tmp_path: Path) -> None:
     """torchvision's mobilenet_v3 uses momentum 0.01 (its running statistics lag short trainings
     so far that the model evaluates at chance); options.bn_momentum overrides every layer."""
