@@ -52,3 +52,26 @@ def calls_file(tmp_path: Path) -> Path:
 
 def read_calls(path: Path) -> list[str]:
     return path.read_text().split() if path.exists() else []
+
+
+#: the engine tests' toy pipeline (test-only stage types from tests/engine_stages.py)
+TOY_PIPELINE = """
+name: toy
+plugins: [engine_stages]
+stages:
+  - type: toy_source
+    value: 3
+  - name: double
+    type: toy_scale
+    factor: 2
+  - name: triple
+    type: toy_scale
+    factor: 3
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path, calls_file: Path) -> tuple[Path, dict[str, str]]:
+    """A folder with the toy pipeline, and the environment that records the stages' calls."""
+    write(tmp_path / "pipeline.yaml", TOY_PIPELINE)
+    return tmp_path, cli_env({"EDGEMML_TEST_CALLS": str(calls_file)})

@@ -11,30 +11,11 @@ import time
 from pathlib import Path
 
 import jsonschema
-import pytest
 import yaml
 
-from conftest import cli_env, read_calls, run_cli, write
+from conftest import TOY_PIPELINE as PIPELINE
+from conftest import read_calls, run_cli, write
 
-PIPELINE = """
-name: toy
-plugins: [engine_stages]
-stages:
-  - type: toy_source
-    value: 3
-  - name: double
-    type: toy_scale
-    factor: 2
-  - name: triple
-    type: toy_scale
-    factor: 3
-"""
-
-
-@pytest.fixture
-def project(tmp_path: Path, calls_file: Path) -> tuple[Path, dict[str, str]]:
-    write(tmp_path / "pipeline.yaml", PIPELINE)
-    return tmp_path, cli_env({"EDGEMML_TEST_CALLS": str(calls_file)})
 
 
 def _run(project: tuple[Path, dict[str, str]], *args: str) -> subprocess.CompletedProcess[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, read_calls, run_cli, write
-from test_cli_engine import PIPELINE, _explain, _start_and_kill_during, project  # noqa: F401
+from test_cli_engine import PIPELINE, _explain, _start_and_kill_during
 
 
 def _user_error(proc: subprocess.CompletedProcess[str], *words: str) -> None:
