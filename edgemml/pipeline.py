@@ -4,11 +4,16 @@ A stage is skipped when its fingerprint (type, version, code, resolved config, s
 sha256 of every input artifact and data file, library versions) matches its stage.json and every
 output still hashes as recorded. Otherwise it runs in a `.partial` folder that is renamed into place
 only when the stage succeeded, so a killed run resumes at the first unfinished stage.
+
+The fingerprint itself is computed in fingerprint.py and the run folder's records are read in
+runrecords.py. What stays here (over the ~400-line guide, on purpose) is one state machine — plan,
+lock, decide per stage, run in a partial folder, finalize, summarise, and the torchrun ranks that
+follow rank 0 — whose steps share the runner's state and order; split further, one control flow
+would be read across files.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -16,7 +21,6 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,43 +29,30 @@ from edgemml.artifacts import (
     MANIFEST,
     STAGE_RECORD,
     RunLock,
-    canonical_json,
     describe_output,
     pid_alive,
-    read_json,
     replace_dir,
-    sha256_file,
-    verify_output,
     write_json_atomic,
     write_text_atomic,
 )
 from edgemml.config import LoadedPipeline, StageConfig, stage_name
 from edgemml.errors import ArtifactError, ConfigError, EdgemmlError, GateFailed, StageError
+from edgemml.fingerprint import (DataHashCache, explain_change, fingerprint_inputs,
+                                 fingerprint_of)
+from edgemml.machine import versions
+from edgemml.runrecords import RunRecords
 from edgemml.paths import RUN_FORMAT, check_run_dir, list_files, make_run_dir, os_error
 from edgemml.stages import get as get_stage
 from edgemml.stages.base import Reporter, Stage, StageContext, StageOutputs
 
 RECORD_SCHEMA = 1
-#: re-hash every output of a cached stage on every run (measured: the quickstart's cached re-run
-#: stays within its 3 s budget, see README); False would trust an unchanged size and mtime
-HASH_ALWAYS = True
 PARTIAL_MARK = ".edgemml-partial"
-#: versions recorded in every stage.json (whether or not they enter the fingerprint)
-RECORDED_DISTRIBUTIONS = ("torch", "torchvision", "onnx", "onnxruntime", "openvino", "nncf",
-                          "torch-pruning", "numpy")
 
 
 class InternalError(EdgemmlError):
     """A stage crashed on something edgemml should have handled: a bug (exit 3)."""
 
     exit_code = 3
-
-
-def dist_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 @dataclass
@@ -127,144 +118,7 @@ def plan_stages(pipeline: LoadedPipeline) -> list[PlannedStage]:
     return planned
 
 
-_code_hashes: dict[type, str] = {}
-
-
-def code_hash(cls: type[Stage]) -> str:
-    """sha256 of the source of the stage's module and of every edgemml module it reaches through
-    its imports (edgemml.codegraph): editing the code that makes an artifact invalidates that
-    artifact's cache, and nothing needs to list that code by hand."""
-    if cls not in _code_hashes:
-        from edgemml.codegraph import closure, module_file
-
-        digests = {}
-        for name in closure(cls.__module__):
-            path = module_file(name)
-            if path is not None:
-                digests[name] = sha256_file(path)
-        _code_hashes[cls] = hashlib.sha256(canonical_json(digests).encode()).hexdigest()
-    return _code_hashes[cls]
-
-
-class _DataHashCache:
-    """sha256 of data files, computed once per (path, size, mtime) within a run.
-
-    Every path is checked before it is read (paths.list_files): a device file, a socket or a folder
-    over the size limits is refused with exit 2 instead of being hashed forever.
-    """
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, int, int], str] = {}
-
-    def digest(self, path: Path) -> str:
-        if not path.exists():
-            return "missing"
-        files = list_files(path, what="input")
-        if path.is_dir():
-            parts = {p.relative_to(path).as_posix(): self._file(p) for p in files}
-            return hashlib.sha256(canonical_json(parts).encode()).hexdigest()
-        return self._file(path)
-
-    def _file(self, path: Path) -> str:
-        try:
-            st = path.stat()
-            key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-            if key not in self._cache:
-                self._cache[key] = sha256_file(path)
-        except OSError as exc:
-            raise os_error(exc, path, doing="read") from None
-        return self._cache[key]
-
-
-def fingerprint_inputs(item: PlannedStage, pipeline: LoadedPipeline,
-                       results: dict[str, StageOutputs], record_hashes: dict[str, dict[str, str]],
-                       data_hashes: _DataHashCache) -> dict[str, Any]:
-    """Everything that defines a stage's result; its canonical JSON hash is the fingerprint."""
-    top = pipeline.config
-    base = pipeline.base_dir
-    data_files: dict[str, str] = {}
-    for p in item.stage_cls.data_files(item.config, pipeline):
-        # relative to the pipeline file, '..' included: a project moved or cloned elsewhere keeps
-        # its cache, and the bytes, not the place, decide
-        key = Path(os.path.relpath(os.path.abspath(p), os.path.abspath(base))).as_posix()
-        data_files[key] = data_hashes.digest(p)
-    out: dict[str, Any] = {
-        "type": item.config.type,
-        "stage_version": item.stage_cls.version,
-        "code": code_hash(item.stage_cls),
-        "edgemml": __version__,
-        "versions": {d: dist_version(d) for d in item.stage_cls.requires},
-        "config": item.config.model_dump(mode="json", exclude={"name"}),
-        "shared": {
-            "seed": top.seed,
-            "preprocess": top.preprocess.model_dump(mode="json"),
-            "data": top.data.model_dump(mode="json") if top.data else None,
-            "model": top.model.model_dump(mode="json") if top.model else None,
-        },
-        "inputs": {dep: record_hashes[dep] for dep in item.deps},
-        "data_files": data_files,
-    }
-    extra = item.stage_cls.fingerprint_extra(item.config, pipeline)
-    if extra:  # absent when empty, so adding the hook left every existing cache valid
-        out["extra"] = extra
-    return out
-
-
-def _recorded_stage(folder: Path) -> str | None:
-    """The stage name in folder/stage.json, when it is an edgemml stage record."""
-    try:
-        record = read_json(folder / STAGE_RECORD)
-    except (OSError, ValueError):
-        return None
-    return record.get("stage") if isinstance(record, dict) and "fingerprint" in record else None
-
-
-def fingerprint_of(inputs: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out or {prefix: {}}
-    return {prefix: obj}
-
-
-def explain_change(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
-    """Why a fingerprint changed, in words ("config changed: target_macs 0.5 -> 0.4")."""
-    if not old:
-        return "no earlier record to compare"
-    a, b = _flatten(old), _flatten(new)
-    diffs = []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key, "∅") != b.get(key, "∅"):
-            diffs.append(key)
-    if not diffs:
-        return "fingerprint changed"
-    labels = {"config": "config changed", "shared": "shared section changed",
-              "inputs": "input changed", "data_files": "data changed", "code": "stage code changed",
-              "versions": "library version changed", "stage_version": "stage version changed",
-              "edgemml": "edgemml version changed", "type": "stage type changed",
-              "extra": "changed"}
-    first = diffs[0]
-    head = first.split(".")[0]
-    detail = first.split(".", 1)[1] if "." in first else first
-    if head in ("config", "shared", "extra"):
-        detail = f"{detail} {_short(a.get(first, '∅'))} -> {_short(b.get(first, '∅'))}"
-    elif head == "inputs":
-        detail = detail.split(".")[0] + " re-ran with different output"
-    more = f" (+{len(diffs) - 1} more)" if len(diffs) > 1 else ""
-    return f"{labels.get(head, 'changed')}: {detail}{more}"
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-class Runner:
+class Runner(RunRecords):
     """Runs a loaded pipeline in a run directory."""
 
     def __init__(self, pipeline: LoadedPipeline, run_dir: Path, reporter: Reporter, *,
@@ -292,88 +146,8 @@ class Runner:
                 raise ConfigError(f"{opt} {value}: no such stage (stages: {', '.join(names)})",
                                   hint=f"did you mean {close[0]!r}?" if close else None)
         self.outcomes: list[StageOutcome] = []
-        self._data_hashes = _DataHashCache()
+        self._data_hashes = DataHashCache()
         self._dry = False
-
-    # ---- paths and records -------------------------------------------------------------------
-
-    def stage_dir(self, item: PlannedStage) -> Path:
-        """The stage's folder; a folder of the same stage under an old number is renamed (only
-        one that holds this stage's own stage.json: nothing else is edgemml's to move)."""
-        final = self.run_dir / item.dir_name
-        if not final.exists() and self.run_dir.exists() and not self._dry:
-            pattern = re.compile(rf"^\d\d-{re.escape(item.name)}$")
-            for other in sorted(self.run_dir.iterdir()):
-                if (pattern.match(other.name) and other != final and other.is_dir()
-                        and not other.is_symlink() and _recorded_stage(other) == item.name):
-                    os.replace(other, final)
-                    break
-        return final
-
-    def partial_dir(self, item: PlannedStage) -> Path:
-        return self.run_dir / f".{item.dir_name}.partial"
-
-    def _read_record(self, final: Path) -> dict[str, Any] | None:
-        path = final / STAGE_RECORD
-        if not path.exists():
-            return None
-        try:
-            record = read_json(path)
-        except (OSError, ValueError) as exc:
-            self.reporter.event("warning", stage=final.name,
-                                message=f"unreadable {STAGE_RECORD} ({exc}); the stage re-runs")
-            return None
-        return record if isinstance(record, dict) else None
-
-    def check_cached(self, item: PlannedStage, fp: str | None,
-                     record: dict[str, Any] | None) -> tuple[bool, str]:
-        """(cached?, reason in words)."""
-        final = self.stage_dir(item)
-        if record is None:
-            return False, "not run before"
-        if record.get("status") != "done":
-            return False, "previous attempt did not finish"
-        if fp is not None and record.get("fingerprint") != fp:
-            return False, "changed"
-        problem, refreshed = self._output_problem(final, record)
-        if problem is not None:
-            self.reporter.event("warning", stage=item.name,
-                                message=f"{problem}; the stage re-runs")
-            return False, problem
-        if refreshed and not self._dry:
-            write_json_atomic(final / STAGE_RECORD, record)
-        return True, "unchanged"
-
-    def _output_problem(self, final: Path, record: dict[str, Any]) -> tuple[str | None, bool]:
-        """(what differs from the record, or None; whether recorded mtimes were refreshed).
-        Every output file is re-hashed (HASH_ALWAYS): size and mtime alone miss a copy tool that
-        keeps times, `touch -r` or bit rot."""
-        refreshed = False
-        for key, out in record.get("outputs", {}).items():
-            ok, problem, ref = verify_output(out, final, rehash=HASH_ALWAYS or self.verify)
-            if not ok:
-                return f"output {key!r} {problem}", False
-            refreshed |= ref
-        return None, refreshed
-
-    def _verify_unchecked(self, item: PlannedStage, why: str) -> str:
-        """--verify: re-hash the recorded outputs of a stage the plan does not look at (forced,
-        or not needed by --only), and say so when they changed."""
-        record = self._read_record(self.stage_dir(item)) if self.run_dir.exists() else None
-        if not self.verify or record is None or record.get("status") != "done":
-            return why
-        problem, _ = self._output_problem(self.stage_dir(item), record)
-        if problem is None:
-            return f"{why}; recorded outputs verified"
-        self.reporter.event("warning", stage=item.name, message=f"--verify: {problem}")
-        return f"{why}; --verify: {problem}"
-
-    def outputs_from_record(self, item: PlannedStage, record: dict[str, Any]) -> StageOutputs:
-        final = self.stage_dir(item)
-        outputs = {k: final / v["path"] for k, v in record.get("outputs", {}).items()}
-        return StageOutputs(item.name, item.config.type, final, outputs, record.get("metrics", {}),
-                            list(record.get("highlights", [])),
-                            list(record.get("gate_failures", [])))
 
     # ---- the run ----------------------------------------------------------------------------
 
@@ -698,7 +472,7 @@ class Runner:
             "started": started_at,
             "wall_time_s": round(seconds, 3),
             "versions": {"edgemml": __version__,
-                         **{d: dist_version(d) for d in RECORDED_DISTRIBUTIONS}},
+                         **versions()},
         }
         write_json_atomic(partial / STAGE_RECORD, record)
         replace_dir(partial, self.stage_dir(item))

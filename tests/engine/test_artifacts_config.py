@@ -17,7 +17,7 @@ from edgemml.artifacts import (
 from edgemml.config import apply_overrides, parse_yaml
 from edgemml.loader import load_pipeline
 from edgemml.errors import ArtifactError, ConfigError
-from edgemml.pipeline import explain_change
+from edgemml.fingerprint import explain_change
 
 
 def test_atomic_write_leaves_old_file_when_writer_crashes(tmp_path: Path):
