@@ -57,6 +57,31 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int) -> nn.Modu
     num_classes = cfg.num_classes or num_classes
     in_chans = cfg.in_chans or in_chans
     options = dict(cfg.options)
+    momentum = _bn_momentum(options.pop("bn_momentum", None))
+    model = _build(cfg, options, num_classes, in_chans)
+    if momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = momentum
+    return model
+
+
+def _bn_momentum(value: Any) -> float | None:
+    """`options.bn_momentum`, edgemml's own option: the BatchNorm momentum of every layer.
+
+    Why: torchvision builds mobilenet_v3 and efficientnet_v2 with momentum 0.01, tuned for
+    hundreds of ImageNet epochs; in a few hundred steps their running statistics lag so far behind
+    the weights that the model evaluates at chance (while training fine). 0.1 is PyTorch's default.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"model.options.bn_momentum must be a number in (0, 1], got {value!r}",
+                          key="model.options.bn_momentum")
+    return float(value)
+
+
+def _build(cfg: ModelConfig, options: dict[str, Any], num_classes: int, in_chans: int) -> nn.Module:
     if cfg.python is not None:
         factory = _import_factory(cfg.python)
         try:

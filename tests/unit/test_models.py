@@ -226,3 +226,20 @@ def test_no_temp_files_left(tmp_path: Path) -> None:
     save_model(model, ModelSpec.from_config(cfg, num_classes=10, in_chans=3), tmp_path)
     save_model(model, ModelSpec.from_config(cfg, num_classes=10, in_chans=3), tmp_path)  # overwrite
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_bn_momentum_option_sets_every_batchnorm_and_survives_reload(tmp_path: Path) -> None:
+    """torchvision's mobilenet_v3 uses momentum 0.01 (its running statistics lag short trainings
+    so far that the model evaluates at chance); options.bn_momentum overrides every layer."""
+    cfg = tv("mobilenet_v3_small", options={"bn_momentum": 0.1})
+    model = build_model(cfg, num_classes=10, in_chans=1)
+    moms = {m.momentum for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert moms == {0.1}
+    assert {m.momentum for m in build_model(tv("mobilenet_v3_small"), num_classes=10, in_chans=1)
+            .modules() if isinstance(m, nn.BatchNorm2d)} == {0.01}
+    save_model(model, ModelSpec(arch=cfg.arch, num_classes=10, in_chans=1, options=cfg.options),
+               tmp_path / "m")
+    reloaded, _ = load_model(tmp_path / "m")
+    assert {m.momentum for m in reloaded.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}
+    with pytest.raises(ConfigError, match="bn_momentum"):
+        build_model(tv("resnet18", options={"bn_momentum": 2}), num_classes=10, in_chans=1)
