@@ -21,7 +21,7 @@ from torch import nn
 from edgemml.artifacts import atomic_path, write_text_atomic
 from edgemml.config import ModelConfig
 from edgemml.errors import InputError
-from edgemml.models.registry import build_model, set_submodule
+from edgemml.models.registry import build_model, set_submodule, versioned_state
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_SPEC = "model.json"
@@ -215,7 +215,7 @@ def load_model(folder: Path) -> tuple[nn.Module, ModelSpec]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"not a readable safetensors file: {exc}", file=weights) from None
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(versioned_state(state, model), strict=True)
     except RuntimeError as exc:
         raise InputError(f"weights do not match the architecture in {MODEL_SPEC}: "
                          f"{str(exc).splitlines()[0]} ...", file=weights,

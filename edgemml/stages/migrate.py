@@ -206,6 +206,7 @@ class Migrate(Stage[MigrateConfig]):
         import torch
 
         from edgemml.models import ModelSpec, build_model
+        from edgemml.models.registry import versioned_state
         from edgemml.models.transfer import (
             RenameRule,
             coverage,
@@ -265,8 +266,8 @@ class Migrate(Stage[MigrateConfig]):
                 ctx.log(f"{src.label}: {note}")
             maps.append(smap)
         fused = fuse(maps, config.fuse)
-        model.load_state_dict({**target_state, **{k: f.value for k, f in fused.items()}},
-                              strict=True)
+        merged = {**target_state, **{k: f.value for k, f in fused.items()}}
+        model.load_state_dict(versioned_state(merged, model), strict=True)
 
         params = dict(model.named_parameters())
         allowed = self._allowed_init(config.allow_init, list(params), head)
