@@ -108,6 +108,10 @@ class ExportStage(Stage[ExportConfig]):
     reads_all_earlier = True
 
     @classmethod
+    def model_needs(cls, config: ExportConfig) -> tuple[str, ...]:
+        return ("export",)
+
+    @classmethod
     def references(cls, config: ExportConfig) -> list[tuple[str, str]]:
         refs = super().references(config)
         if config.quantized not in ("auto", "none"):

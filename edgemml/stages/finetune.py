@@ -143,6 +143,10 @@ class Finetune(Stage[FinetuneConfig]):
         return config.model is None
 
     @classmethod
+    def model_needs(cls, config: FinetuneConfig) -> tuple[str, ...]:
+        return ("build", "train")
+
+    @classmethod
     def references(cls, config: FinetuneConfig) -> list[tuple[str, str]]:
         refs = super().references(config)
         if config.teacher is not None and config.teacher.stage is not None:

@@ -177,6 +177,10 @@ class Migrate(Stage[MigrateConfig]):
         return False
 
     @classmethod
+    def model_needs(cls, config: MigrateConfig) -> tuple[str, ...]:
+        return ("build",)
+
+    @classmethod
     def references(cls, config: MigrateConfig) -> list[tuple[str, str]]:
         refs = super().references(config)
         refs += [(f"sources.{i}.stage", s.stage) for i, s in enumerate(config.sources) if s.stage]

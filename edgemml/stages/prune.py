@@ -110,6 +110,10 @@ class PruneStage(Stage[PruneConfig]):
     provides = ("model", "report")
 
     @classmethod
+    def model_needs(cls, config: PruneConfig) -> tuple[str, ...]:
+        return ("prune",)
+
+    @classmethod
     def data_files(cls, config: PruneConfig, pipeline: LoadedPipeline) -> list[Path]:
         return common.stage_data_files(config, pipeline)
 

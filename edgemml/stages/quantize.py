@@ -116,6 +116,10 @@ class QuantizeStage(Stage[QuantizeConfig]):
     requires = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "onnxscript")
 
     @classmethod
+    def model_needs(cls, config: QuantizeConfig) -> tuple[str, ...]:
+        return ("quantize",)
+
+    @classmethod
     def data_files(cls, config: QuantizeConfig, pipeline: LoadedPipeline) -> list[Path]:
         return stage_data_files(config, pipeline)
 
