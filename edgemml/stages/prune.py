@@ -79,6 +79,12 @@ class PruneConfig(StageConfig):
     bn_batch_size: int = Field(64, ge=2, description="Batch size for BatchNorm re-estimation.")
     latency: LatencyConfig | None = Field(default_factory=LatencyConfig,
                                           description="Latency measurement; null: skip.")
+    max_memory_mb: float | None = Field(
+        None, gt=0, description="Memory budget (MB, resident) of torch-pruning's dependency "
+        "graph, measured in a child process before the search; above it the stage stops with "
+        "exit 2 instead of being killed by the kernel. Default: 60% of the memory available "
+        "when the stage starts.")
+    graph_timeout_s: float = Field(900, gt=0, description="Time limit (s) of that measurement.")
     data: DataConfig | None = None
     preprocess: PreprocessConfig | None = None
 
