@@ -136,12 +136,15 @@ def _top1(compiled: Any, x: np.ndarray, y: np.ndarray) -> float:
 def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, settings: OvSettings, *,
                 val_x: np.ndarray, val_y: np.ndarray, ref: np.ndarray, fp32_pct: float | None,
                 budget_pp: float | None, max_float_layers: int | None,
-                log: Callable[[str], None] = print) -> tuple[Searched, str]:
+                log: Callable[[str], None] = print,
+                keep_plain: Path | None = None) -> tuple[Searched, str]:
     """An int8 IR of an fp32 ONNX model in out_dir/model.xml, and the precision it runs in.
 
     nncf.quantize first; if the top-1 drop exceeds `budget_pp`,
     nncf.quantize_with_accuracy_control keeps layers in float. Accuracy is measured with the IR
     compiled in f32, and which layers stayed in float is read from the saved IR itself.
+    `keep_plain`: a folder where the plain int8 IR is kept when the budget search replaces it
+    (the per-layer error of the layers kept in float is measured on it).
     """
     import shutil
 
@@ -159,7 +162,11 @@ def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, setting
         q = quantize_ov_with_budget(ov.convert_model(str(fp32_onnx)), calibration, val_x, val_y,
                                     settings, max_drop_pp=budget_pp,
                                     max_float_layers=max_float_layers, accuracy=_top1)
-        shutil.rmtree(out_dir)
+        if keep_plain is not None:
+            shutil.rmtree(keep_plain, ignore_errors=True)
+            shutil.move(str(out_dir), str(keep_plain))
+        else:
+            shutil.rmtree(out_dir)
         ov.save_model(q, str(out_dir / IR_XML), compress_to_fp16=False)
         logits, precision = _logits(out_dir / IR_XML, val_x)
         final = score(logits, val_y, ref, fp32_pct)

@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from edgemml.report.schema import Report
-from edgemml.report.tables import artifact_table, gate_table, to_html
+from edgemml.report.tables import artifact_table, gate_table, per_layer_tables, to_html
 
 _COLORS = {"torch": "#555555", "onnxruntime": "#1f77b4", "openvino": "#d62728"}
 _MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
@@ -203,6 +203,11 @@ def render_html(report: Report) -> str:
         "<h2>Gates</h2>", to_html(gates) if gates else "<p>No gates configured.</p>",
         "<h2>Artifacts</h2>", to_html(artifact_table(report)),
     ]
+    per_layer = per_layer_tables(report)
+    if per_layer:
+        parts.append("<h2>Per-layer int8 error (worst layers)</h2>")
+        for title, table in per_layer:
+            parts += [f"<h3>{html.escape(title)}</h3>", to_html(table)]
     for pid, title, svg in plots:
         if svg is None:
             continue

@@ -95,6 +95,9 @@ class QuantizeConfig(StageConfig):
         "(default: no limit).")
     sensitivity_samples: int = Field(64, ge=1, description="Val samples used to rank layer "
                                      "sensitivity (ONNX Runtime).")
+    per_layer_samples: int = Field(
+        32, ge=0, description="Calibration samples on which every int8 layer's output is compared "
+        "with fp32 (SQNR, cosine; the worst 10 in quantize.json and report.html); 0: skip.")
     data: DataConfig | None = Field(None, description="Data (merged over the pipeline's).")
     preprocess: PreprocessConfig | None = Field(
         None, description="Preprocessing when the input model does not record its own.")
@@ -284,12 +287,19 @@ def _quantize_ort(ctx: StageContext, config: QuantizeConfig, a: _Args,
                            activation_type=recipe["activation_type"],
                            weight_type=recipe["weight_type"], reduce_range=recipe["reduce_range"])
     out = ctx.work_dir / ONNX_INT8
+    quantizer = OrtQuantizer(prepped, a.calib, settings, tmp)
     res = quantize_within_budget(
-        OrtQuantizer(prepped, a.calib, settings, tmp), out, tmp, val_x=a.val_x, val_y=a.val_y,
+        quantizer, out, tmp, val_x=a.val_x, val_y=a.val_y,
         ref=a.ref, fp32_pct=a.fp32_pct, budget_pp=config.max_accuracy_drop,
         max_float_layers=config.max_float_layers,
         sensitivity_samples=config.sensitivity_samples, log=ctx.log, progress=ctx.progress)
     entry = report["onnxruntime"] = {**res.as_dict(), "recipe": recipe}
+    if config.per_layer_samples:
+        from edgemml.stages._quantize import ort_per_layer
+
+        entry["per_layer"] = ort_per_layer(
+            prepped, out, a.calib[:config.per_layer_samples], tmp, float_layers=res.float_layers,
+            search=res.search, quantize_plain=quantizer.quantize, log=ctx.log)
     _check_budget(ctx, config, report, "onnxruntime", res)
     fp32_bytes, int8_bytes = a.fp32.stat().st_size, out.stat().st_size
     entry.update(seconds=round(time.perf_counter() - t0, 2), file=ONNX_INT8,
@@ -316,13 +326,24 @@ def _quantize_ov(ctx: StageContext, config: QuantizeConfig, a: _Args,
     ov.save_model(ov.convert_model(str(a.fp32)), str(fp32_dir / "model.xml"),
                   compress_to_fp16=False)
     fp32_ir_bytes = _dir_bytes(fp32_dir)
-    shutil.rmtree(fp32_dir)
-    out_dir = ctx.work_dir / OV_INT8_DIR
+    out_dir, plain_dir = ctx.work_dir / OV_INT8_DIR, ctx.work_dir / "tmp-ov-plain"
     res, precision = quantize_ir(a.fp32, out_dir, a.calib, settings, val_x=a.val_x,
                                  val_y=a.val_y, ref=a.ref, fp32_pct=a.fp32_pct,
                                  budget_pp=config.max_accuracy_drop,
-                                 max_float_layers=config.max_float_layers, log=ctx.log)
+                                 max_float_layers=config.max_float_layers, log=ctx.log,
+                                 keep_plain=plain_dir)
     int8_bytes = _dir_bytes(out_dir)
+    per_layer = None
+    if config.per_layer_samples:
+        from edgemml.stages._quantize import ov_per_layer
+
+        per_layer = ov_per_layer(
+            fp32_dir / "model.xml", out_dir / "model.xml",
+            plain_dir / "model.xml" if plain_dir.exists() else None,
+            a.calib[:config.per_layer_samples], float_layers=res.float_layers, log=ctx.log,
+            progress=ctx.progress)
+    shutil.rmtree(fp32_dir)
+    shutil.rmtree(plain_dir, ignore_errors=True)
     report["openvino"] = {
         **res.as_dict(), "inference_precision": precision,
         "settings": {"preset": settings.preset, "subset_size": settings.subset_size,
@@ -331,6 +352,8 @@ def _quantize_ov(ctx: StageContext, config: QuantizeConfig, a: _Args,
         "folder": OV_INT8_DIR, "seconds": round(time.perf_counter() - t0, 2),
         "size": {"fp32_bytes": fp32_ir_bytes, "int8_bytes": int8_bytes,
                  "ratio": round(fp32_ir_bytes / int8_bytes, 3)}}
+    if per_layer is not None:
+        report["openvino"]["per_layer"] = per_layer
     _check_budget(ctx, config, report, "openvino", res)
     return out_dir
 

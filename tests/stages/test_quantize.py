@@ -96,6 +96,15 @@ def test_int8_for_both_runtimes_is_smaller_and_agrees_with_fp32(tmp_path, models
         assert agree >= 0.9, f"int8 top-1 agrees with fp32 on only {agree:.0%} of val samples"
         assert not np.allclose(q, ref, atol=1e-5)  # it really is a different (quantized) model
     assert ov["quantized_layers"] >= 20 and ov["float_layers"] == []
+    # per-layer error of each int8 artifact: every conv of the pruned resnet18, worst first
+    for res, conv in ((ort, "Conv"), (ov, "Convolution")):
+        per = res["per_layer"]
+        assert per["samples"] == 32 and per["layers"] >= 20 and len(per["worst"]) == 10
+        sq = [r["sqnr_db"] for r in per["worst"]]
+        assert sq == sorted(sq) and sq[0] == per["min_sqnr_db"] <= per["median_sqnr_db"]
+        assert any(r["op"] == conv for r in per["worst"]) and 0 < per["min_sqnr_db"] < 60
+        assert "kept_in_float" not in per
+    assert not list(stage.glob("tmp*"))
     record = json.loads((stage / "stage.json").read_text())
     assert set(record["outputs"]) == {"onnx-int8", "openvino-int8", "report"}
     assert record["metrics"]["onnx_int8_top1_pct"] == ort["top1_pct"]
@@ -141,6 +150,12 @@ def test_budget_search_keeps_the_fewest_sensitive_layers_in_float(tmp_path, mode
     quantized_weighted = [n for n in g.node if n.op_type in ("Conv", "Gemm") and n.name not in kept]
     assert quantized_weighted and all(n.input[1] in dq for n in quantized_weighted)
     assert sum(1 for n in g.node if n.op_type == "QuantizeLinear") > 10
+    # why each layer stayed in float, measured: its error in the plain int8 model
+    why = {r["layer"]: r for r in ort["per_layer"]["kept_in_float"]}
+    assert list(why) == kept
+    for name in kept:
+        assert why[name]["logits_error_when_only_it_is_int8"] == search["sensitivity"][name]
+    assert any("sqnr_db_when_int8" in r for r in why.values())
 
 
 def test_impossible_budget_fails_cleanly_with_figures(tmp_path, models):
