@@ -117,7 +117,7 @@ def float_layers(model: Any) -> tuple[list[str], list[str]]:
     return quantized, floating
 
 
-def _logits(model_or_xml: Any, x: np.ndarray) -> tuple[np.ndarray, str]:
+def logits_f32(model_or_xml: Any, x: np.ndarray) -> tuple[np.ndarray, str]:
     """Outputs in fp32 execution (INFERENCE_PRECISION_HINT=f32), and that precision."""
     ov_rt = runtimes.backend("openvino")
     compiled, precision = ov_rt.compile(model_or_xml, threads=None, exact=True)
@@ -153,7 +153,7 @@ def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, setting
     model = ov.convert_model(str(fp32_onnx))
     ov.save_model(quantize_ov(model, calibration, settings), str(out_dir / IR_XML),
                   compress_to_fp16=False)
-    logits, precision = _logits(out_dir / IR_XML, val_x)
+    logits, precision = logits_f32(out_dir / IR_XML, val_x)
     plain = score(logits, val_y, ref, fp32_pct)
     final, search = plain, None
     if budget_pp is not None and plain.drop_pp is not None and plain.drop_pp > budget_pp:
@@ -168,7 +168,7 @@ def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, setting
         else:
             shutil.rmtree(out_dir)
         ov.save_model(q, str(out_dir / IR_XML), compress_to_fp16=False)
-        logits, precision = _logits(out_dir / IR_XML, val_x)
+        logits, precision = logits_f32(out_dir / IR_XML, val_x)
         final = score(logits, val_y, ref, fp32_pct)
         search = {"budget_pp": budget_pp, "method": "nncf.quantize_with_accuracy_control",
                   "max_float_layers": max_float_layers,

@@ -15,7 +15,20 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pydantic import Field
+
+from edgemml.config import StrictModel
+
 WORST = 10
+
+
+class QatOptions(StrictModel):
+    """Quantization-aware training (torchao PT2E, see edgemml/quantization/qat.py), run only when
+    post-training int8 misses max_accuracy_drop with the allowed layers kept in float."""
+
+    max_steps: int = Field(100, ge=1, description="Fine-tuning steps with fake quantization.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW, cosine decay).")
+    batch_size: int = Field(32, ge=2, description="Training batch size.")
 
 
 def _kept_in_float(float_layers: list[str], plain: Any, sensitivity: dict[str, float]
@@ -85,3 +98,124 @@ def _log_worst(log: Callable[[str], None], backend: str, entry: dict[str, Any]) 
     log(f"{backend} per-layer error on {entry['samples']} calibration samples: median SQNR "
         f"{entry['median_sqnr_db']} dB over {entry['layers']} layers; worst {w['layer']} "
         f"({w['op']}) {w['sqnr_db']} dB, cosine {w['cosine']}")
+
+
+# --------------------------------------------------------------------------------------------------
+# QAT: when post-training int8 misses the budget even with the allowed layers in float
+# --------------------------------------------------------------------------------------------------
+
+
+def qat_model(ctx: Any, config: Any, a: Any, target: str) -> Any:
+    """One torchao PT2E QAT fine-tune per stage run (both backends use its QDQ ONNX file);
+    a StageError when the model cannot be prepared (the budget failure then reports it)."""
+    from edgemml.errors import StageError
+    from edgemml.quantization.qat import qat_to_onnx
+
+    if isinstance(a.qat, StageError):
+        raise a.qat
+    if a.qat is None:
+        ctx.log(f"post-training int8 misses max_accuracy_drop {config.max_accuracy_drop:g} pp: "
+                f"quantization-aware training, {config.qat.max_steps} steps")
+        out = ctx.work_dir / "tmp-qat"
+        out.mkdir(exist_ok=True)
+        try:
+            a.qat = qat_to_onnx(a.model, a.train, a.calib, out / "model.qat.int8.onnx",
+                                target=target, max_steps=config.qat.max_steps, lr=config.qat.lr,
+                                batch_size=config.qat.batch_size, seed=ctx.seed,
+                                opset=max(18, config.onnx.opset),
+                                input_name=config.onnx.input_name,
+                                output_name=config.onnx.output_name, log=ctx.log,
+                                progress=ctx.progress)
+        except StageError as exc:
+            ctx.warn(f"quantization-aware training failed: {exc.message}")
+            a.qat = exc
+            raise
+    return a.qat
+
+
+def _failed(exc: Exception) -> dict[str, Any]:
+    return {"method": "torchao PT2E QAT", "met": False, "replaced_ptq": False,
+            "error": getattr(exc, "message", str(exc))}
+
+
+def _adopt(res: Any, scored: Any, budget: float) -> dict[str, Any]:
+    met = scored.drop_pp is not None and scored.drop_pp <= budget
+    if met:  # the QAT model replaces the post-training one
+        res.final, res.float_layers = scored, []
+        res.search = {**(res.search or {}), "met": True, "met_by": "qat"}
+    return {**scored.as_dict(), "met": met, "replaced_ptq": met}
+
+
+def qat_ort(ctx: Any, config: Any, a: Any, res: Any, out: Path, target: str) -> dict[str, Any]:
+    """Fine-tune with fake quantization; ship its int8 ONNX file when it meets the budget."""
+    import shutil
+
+    from edgemml.quantization.budget import score
+    from edgemml.quantization.ort import logits
+
+    from edgemml.errors import StageError
+
+    try:
+        q = qat_model(ctx, config, a, target)
+    except StageError as exc:
+        return _failed(exc)
+    entry = {**q.as_dict(), **_adopt(res, score(logits(q.onnx, a.val_x), a.val_y, a.ref,
+                                                a.fp32_pct), config.max_accuracy_drop)}
+    if entry["met"]:
+        shutil.copyfile(q.onnx, out)
+    return entry
+
+
+def qat_ov(ctx: Any, config: Any, a: Any, res: Any, out_dir: Path, target: str
+           ) -> dict[str, Any]:
+    """The same QAT model converted to an OpenVINO IR (its Q/DQ pairs become FakeQuantize)."""
+    import shutil
+
+    import openvino as ov
+
+    from edgemml.quantization.budget import score
+    from edgemml.quantization.ov import float_layers, logits_f32
+    from edgemml.runtimes.openvino import IR_XML
+
+    from edgemml.errors import StageError
+
+    try:
+        q = qat_model(ctx, config, a, target)
+    except StageError as exc:
+        return _failed(exc)
+    ir = ctx.work_dir / "tmp-qat" / "ir"
+    shutil.rmtree(ir, ignore_errors=True)
+    ov.save_model(ov.convert_model(str(q.onnx)), str(ir / IR_XML), compress_to_fp16=False)
+    logits, _ = logits_f32(ir / IR_XML, a.val_x)
+    entry = {**q.as_dict(), **_adopt(res, score(logits, a.val_y, a.ref, a.fp32_pct),
+                                     config.max_accuracy_drop)}
+    if entry["met"]:
+        shutil.rmtree(out_dir)
+        shutil.move(str(ir), str(out_dir))
+        res.quantized_layers = len(float_layers(ov.Core().read_model(str(out_dir / IR_XML)))[0])
+    return entry
+
+
+def pct(a: float | None) -> str:
+    return "n/a" if a is None else f"{a:.2f}%"
+
+
+def record(ctx: Any, report: dict[str, Any], fp32_pct: float | None) -> None:
+    """The stage's metrics and highlights (stage.json, the run summary)."""
+    metrics: dict[str, Any] = {"fp32_top1_pct": fp32_pct}
+    for backend, key in (("onnxruntime", "onnx"), ("openvino", "openvino")):
+        res = report.get(backend)
+        if res is None:
+            continue
+        metrics[f"{key}_int8_top1_pct"] = res["top1_pct"]
+        metrics[f"{key}_int8_accuracy_drop_pp"] = res["accuracy_drop_pp"]
+        metrics[f"{key}_float_layers"] = len(res["float_layers"])
+        metrics[f"{key}_size_ratio"] = res["size"]["ratio"]
+        extra = (f", {len(res['float_layers'])} layer(s) kept in float" if res["float_layers"]
+                 else "")
+        runs_in = (f" (runs in {res['inference_precision']} outside int8 ops)"
+                   if backend == "openvino" else f" ({res['recipe']['activation_type']} activations)")
+        ctx.highlight(f"{backend} int8{runs_in}: val top-1 {pct(res['top1_pct'])} vs fp32 "
+                      f"{pct(fp32_pct)}, {res['size']['fp32_bytes'] / 2**20:.2f} MB -> "
+                      f"{res['size']['int8_bytes'] / 2**20:.2f} MB{extra}")
+    ctx.record(**metrics)

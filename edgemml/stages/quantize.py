@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgemml.config import DataConfig, LoadedPipeline, PreprocessConfig, StageConfig, StrictModel
 from edgemml.errors import InputError, StageError
 from edgemml.exporters.options import OnnxOptions
 from edgemml.stages.base import Stage, StageContext
+from edgemml.stages._quantize import QatOptions, pct as _pct, record
 from edgemml.stages.common import (check_channels, load_input_model, load_stage_data,
                                    model_preprocess, stage_data_files, write_json)
 
@@ -95,12 +96,22 @@ class QuantizeConfig(StageConfig):
         "(default: no limit).")
     sensitivity_samples: int = Field(64, ge=1, description="Val samples used to rank layer "
                                      "sensitivity (ONNX Runtime).")
+    qat: QatOptions | None = Field(
+        None, description="Quantization-aware training when post-training int8 misses "
+        "max_accuracy_drop even with max_float_layers in float; its int8 ONNX/IR replace the "
+        "post-training ones when they meet it. Needs max_accuracy_drop and torchao.")
     per_layer_samples: int = Field(
         32, ge=0, description="Calibration samples on which every int8 layer's output is compared "
         "with fp32 (SQNR, cosine; the worst 10 in quantize.json and report.html); 0: skip.")
     data: DataConfig | None = Field(None, description="Data (merged over the pipeline's).")
     preprocess: PreprocessConfig | None = Field(
         None, description="Preprocessing when the input model does not record its own.")
+
+    @model_validator(mode="after")
+    def _qat_needs_budget(self) -> QuantizeConfig:
+        if self.qat is not None and self.max_accuracy_drop is None:
+            raise ValueError("qat runs only when int8 misses max_accuracy_drop: set it")
+        return self
 
     @field_validator("backends")
     @classmethod
@@ -177,14 +188,16 @@ class QuantizeStage(Stage[QuantizeConfig]):
                      "onnx_parity": parity.as_dict()},
             "max_accuracy_drop_pp": config.max_accuracy_drop}
         args = _Args(fp32, calib, val_x, val_y, ref, fp32_pct)
+        args.model, args.train = model, data.train
         outputs: dict[str, Path] = {}
         if "onnxruntime" in config.backends:
             outputs["onnx-int8"] = _quantize_ort(ctx, config, args, report)
         if "openvino" in config.backends:
             outputs["openvino-int8"] = _quantize_ov(ctx, config, args, report)
         shutil.rmtree(tmp)
+        shutil.rmtree(ctx.work_dir / "tmp-qat", ignore_errors=True)
         outputs["report"] = write_json(ctx, REPORT, report)
-        _record(ctx, report, fp32_pct)
+        record(ctx, report, fp32_pct)
         return outputs
 
     @staticmethod
@@ -210,14 +223,9 @@ class _Args:
                  ref: np.ndarray, fp32_pct: float | None) -> None:
         self.fp32, self.calib, self.val_x, self.val_y = fp32, calib, val_x, val_y
         self.ref, self.fp32_pct = ref, fp32_pct
-
-
-def _pct(a: float | None) -> str:
-    return "n/a" if a is None else f"{a:.2f}%"
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.2f} MB"
+        self.model: Any = None   # the fp32 torch model and the train split, for QAT
+        self.train: Any = None
+        self.qat: Any = None     # the QAT result, shared by both backends
 
 
 def _dir_bytes(folder: Path) -> int:
@@ -247,6 +255,15 @@ def _ort_recipe(config: QuantizeConfig) -> dict[str, Any]:
     }
 
 
+def _qat_note(qat: dict[str, Any] | None) -> str:
+    if qat is None:
+        return ""
+    if qat.get("error"):
+        return f"; quantization-aware training failed: {qat['error']}"
+    return (f"; after quantization-aware training ({qat['steps']} steps): "
+            f"{_pct(qat['top1_pct'])} (drop {qat['accuracy_drop_pp']:.2f} pp)")
+
+
 def _check_budget(ctx: StageContext, config: QuantizeConfig, report: dict[str, Any],
                   backend: str, res: Searched) -> None:
     """Raise (after writing the report) when the budget search did not meet the budget."""
@@ -260,10 +277,12 @@ def _check_budget(ctx: StageContext, config: QuantizeConfig, report: dict[str, A
         f"{res.final.drop_pp:.2f} pp > max_accuracy_drop {config.max_accuracy_drop:g} pp) with "
         f"{len(kept)} layer(s) kept in float"
         + (f" (max_float_layers={cap})" if cap is not None else "")
-        + (f": {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}" if kept else ""),
+        + (f": {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}" if kept else "")
+        + _qat_note(report[backend].get("qat")),
         key="max_accuracy_drop",
         hint=f"raise max_accuracy_drop or max_float_layers, calibrate with more or better data "
-             f"(calibration.samples/method), or fine-tune the model; figures in "
+             f"(calibration.samples/method), fine-tune the model, or give qat: more steps; "
+             f"figures in "
              f"{ctx.work_dir / REPORT}")
 
 
@@ -293,7 +312,14 @@ def _quantize_ort(ctx: StageContext, config: QuantizeConfig, a: _Args,
         ref=a.ref, fp32_pct=a.fp32_pct, budget_pp=config.max_accuracy_drop,
         max_float_layers=config.max_float_layers,
         sensitivity_samples=config.sensitivity_samples, log=ctx.log, progress=ctx.progress)
+    qat = None
+    if not res.met and config.qat is not None:
+        from edgemml.stages._quantize import qat_ort
+
+        qat = qat_ort(ctx, config, a, res, out, recipe["target"])
     entry = report["onnxruntime"] = {**res.as_dict(), "recipe": recipe}
+    if qat is not None:
+        entry["qat"] = qat
     if config.per_layer_samples:
         from edgemml.stages._quantize import ort_per_layer
 
@@ -332,6 +358,11 @@ def _quantize_ov(ctx: StageContext, config: QuantizeConfig, a: _Args,
                                  budget_pp=config.max_accuracy_drop,
                                  max_float_layers=config.max_float_layers, log=ctx.log,
                                  keep_plain=plain_dir)
+    qat = None
+    if not res.met and config.qat is not None:
+        from edgemml.stages._quantize import qat_ov
+
+        qat = qat_ov(ctx, config, a, res, out_dir, _ort_recipe(config)["target"])
     int8_bytes = _dir_bytes(out_dir)
     per_layer = None
     if config.per_layer_samples:
@@ -354,28 +385,10 @@ def _quantize_ov(ctx: StageContext, config: QuantizeConfig, a: _Args,
                  "ratio": round(fp32_ir_bytes / int8_bytes, 3)}}
     if per_layer is not None:
         report["openvino"]["per_layer"] = per_layer
+    if qat is not None:
+        report["openvino"]["qat"] = qat
     _check_budget(ctx, config, report, "openvino", res)
     return out_dir
-
-
-def _record(ctx: StageContext, report: dict[str, Any], fp32_pct: float | None) -> None:
-    metrics: dict[str, Any] = {"fp32_top1_pct": fp32_pct}
-    for backend, key in (("onnxruntime", "onnx"), ("openvino", "openvino")):
-        res = report.get(backend)
-        if res is None:
-            continue
-        metrics[f"{key}_int8_top1_pct"] = res["top1_pct"]
-        metrics[f"{key}_int8_accuracy_drop_pp"] = res["accuracy_drop_pp"]
-        metrics[f"{key}_float_layers"] = len(res["float_layers"])
-        metrics[f"{key}_size_ratio"] = res["size"]["ratio"]
-        extra = (f", {len(res['float_layers'])} layer(s) kept in float" if res["float_layers"]
-                 else "")
-        runs_in = (f" (runs in {res['inference_precision']} outside int8 ops)"
-                   if backend == "openvino" else f" ({res['recipe']['activation_type']} activations)")
-        ctx.highlight(f"{backend} int8{runs_in}: val top-1 {_pct(res['top1_pct'])} vs fp32 "
-                      f"{_pct(fp32_pct)}, {_mb(res['size']['fp32_bytes'])} -> "
-                      f"{_mb(res['size']['int8_bytes'])}{extra}")
-    ctx.record(**metrics)
 
 
 STAGE = QuantizeStage

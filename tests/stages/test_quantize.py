@@ -185,3 +185,39 @@ def test_config_errors_name_the_key(tmp_path, models):
     proc = run_cli("check", "pipeline.yaml", cwd=tmp_path, env=_env())
     assert proc.returncode == 2
     assert "backends" in proc.stderr and "calibration.method" in proc.stderr
+
+
+def test_qat_when_post_training_int8_misses_the_budget(tmp_path):
+    """A zero budget that post-training int8 (one layer in float allowed) misses: the stage
+    fine-tunes with fake quantization (torchao PT2E), measures the QAT model on both runtimes
+    and ships it only where it meets the budget; otherwise exit 2 with both figures."""
+    from edgemml import runtimes
+    from edgemml.data.datasets import as_arrays
+
+    model = make_model("torchvision/mobilenet_v3_small", tmp_path / "m", train_steps=20)
+    _pipeline(tmp_path, model, """
+            max_accuracy_drop: 0.0
+            max_float_layers: 1
+            sensitivity_samples: 16
+            per_layer_samples: 8
+            qat: {max_steps: 8, batch_size: 32, lr: 1.0e-4}
+    """)
+    proc = run_cli("run", "pipeline.yaml", cwd=tmp_path, env=_env())
+    assert proc.returncode in (0, 2), _explain(proc)
+    stage = tmp_path / "runs/q" / ("02-quantize" if proc.returncode == 0 else ".02-quantize.partial")
+    report = json.loads((stage / "quantize.json").read_text())
+    ort = report["onnxruntime"]
+    assert ort["plain_int8"]["accuracy_drop_pp"] > 0, "PTQ met a zero budget: nothing to test"
+    qat = ort["qat"]
+    assert qat["method"] == "torchao PT2E QAT" and qat["steps"] == 8, qat
+    assert qat["met"] == (qat["accuracy_drop_pp"] <= 0.0)
+    assert "X86InductorQuantizer" in qat["quantizer"] and "ArmInductor" not in qat["quantizer"]
+    if proc.returncode == 2:  # QAT missed it too: the stage says so, with both figures
+        assert "after quantization-aware training (8 steps)" in proc.stderr, proc.stderr
+        assert f"drop {qat['accuracy_drop_pp']:.2f} pp" in proc.stderr
+        return
+    assert report["openvino"]["qat"]["steps"] == 8
+    x, y = as_arrays(digits().val)
+    q = runtimes.predict(runtimes.open_artifact(stage / "model.int8.onnx", threads=None), x)
+    assert ort["top1_pct"] == pytest.approx(100 * float((q.argmax(1) == y).mean()))
+    assert ort["search"]["met_by"] == "qat" and ort["float_layers"] == []
