@@ -113,9 +113,14 @@ def qat_to_onnx(model: nn.Module, train_set: Any, calibration: np.ndarray, out: 
     """Fine-tune `model` (not modified) with fake quantization and write an int8 QDQ ONNX file."""
     import copy
 
-    from torchao.quantization.pt2e import (move_exported_model_to_eval,
-                                           move_exported_model_to_train)
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+    try:
+        from torchao.quantization.pt2e import (move_exported_model_to_eval,
+                                               move_exported_model_to_train)
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+    except ImportError as exc:
+        raise StageError(f"qat needs torchao ({exc})", key="qat",
+                         hint="pip install 'edgemml[qat]' (torchao>=0.18), or remove qat:") \
+            from None
 
     from edgemml.training.core import distillation_loss, make_loader, seed_everything
 
