@@ -340,17 +340,15 @@ def _quantize_ort(ctx: StageContext, config: QuantizeConfig, a: _Args,
 
 def _quantize_ov(ctx: StageContext, config: QuantizeConfig, a: _Args,
                  report: dict[str, Any]) -> Path:
-    import openvino as ov
-
     from edgemml.quantization.ov import OvSettings, quantize_ir
+    from edgemml.quantization.perlayer import ov_ir_from_onnx
 
     settings = OvSettings(preset=config.openvino.preset,
                           fast_bias_correction=config.openvino.fast_bias_correction,
                           model_type=config.openvino.model_type, subset_size=len(a.calib))
     t0 = time.perf_counter()
     fp32_dir = ctx.work_dir / "tmp-ov-fp32"
-    ov.save_model(ov.convert_model(str(a.fp32)), str(fp32_dir / "model.xml"),
-                  compress_to_fp16=False)
+    ov_ir_from_onnx(a.fp32, fp32_dir)  # also the per-layer reference
     fp32_ir_bytes = _dir_bytes(fp32_dir)
     out_dir, plain_dir = ctx.work_dir / OV_INT8_DIR, ctx.work_dir / "tmp-ov-plain"
     res, precision = quantize_ir(a.fp32, out_dir, a.calib, settings, val_x=a.val_x,
