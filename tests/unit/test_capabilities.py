@@ -110,3 +110,21 @@ def test_check_refuses_vit_at_a_size_it_is_not_built_for_once(tmp_path: Path) ->
     ok = run_cli("check", str(_pipeline(tmp_path, "vit_b_16", options="{image_size: 32}")),
                  "--out", str(tmp_path / "run"), cwd=REPO)
     assert ok.returncode == 0, ok.stderr
+
+
+def test_what_the_registry_refuses_at_224_for_the_whole_pipeline() -> None:
+    """The closing list of issue 15: at 224x224 (every fixed-size model's default), with memory to
+    train, only these architectures are refused, and only for these stages; the other 70 of the
+    80 go through check."""
+    refused = {}
+    for arch in known_architectures():
+        got = refusals(arch, {}, (224, 224), ALL, available_mb=20_000)
+        if got:
+            refused[arch.split("/", 1)[1]] = sorted({r.need for r in got})
+    assert refused == {
+        "inception_v3": ["build"],          # aux head (default) with 224 < 299
+        "maxvit_t": ["prune"], "swin_t": ["prune"], "swin_s": ["prune"], "swin_b": ["prune"],
+        "swin_v2_t": ["prune"], "swin_v2_s": ["prune"], "swin_v2_b": ["prune"],
+        "regnet_y_128gf": ["quantize"], "vit_h_14": ["quantize"],   # > 2 GB of fp32 weights
+    }
+    assert len(known_architectures()) == 80
