@@ -190,7 +190,9 @@ def test_config_errors_name_the_key(tmp_path, models):
 def test_qat_when_post_training_int8_misses_the_budget(tmp_path):
     """A zero budget that post-training int8 (one layer in float allowed) misses: the stage
     fine-tunes with fake quantization (torchao PT2E), measures the QAT model on both runtimes
-    and ships it only where it meets the budget; otherwise exit 2 with both figures."""
+    and ships it only where it meets the budget; otherwise exit 2 with both figures. The model is
+    barely trained (fp32 about 30 %): this checks the QAT path and its report, not int8 quality
+    (tests/unit/test_qat.py measures that on a trained net)."""
     from edgemml import runtimes
     from edgemml.data.datasets import as_arrays
 
@@ -208,6 +210,8 @@ def test_qat_when_post_training_int8_misses_the_budget(tmp_path):
     report = json.loads((stage / "quantize.json").read_text())
     ort = report["onnxruntime"]
     assert ort["plain_int8"]["accuracy_drop_pp"] > 0, "PTQ met a zero budget: nothing to test"
+    # regression: quant_pre_process left a node unnamed, ranked '' and "kept in float"
+    assert "" not in ort["float_layers"] and "" not in ort["search"]["sensitivity"]
     qat = ort["qat"]
     assert qat["method"] == "torchao PT2E QAT" and qat["steps"] == 8, qat
     assert qat["met"] == (qat["accuracy_drop_pp"] <= 0.0)
