@@ -43,6 +43,7 @@ from edgemml.machine import versions
 from edgemml.runrecords import RunRecords
 from edgemml.paths import RUN_FORMAT, check_run_dir, list_files, make_run_dir, os_error
 from edgemml.stages import get as get_stage
+from edgemml.stages._capabilities import check_pipeline
 from edgemml.stages.base import Reporter, Stage, StageContext, StageOutputs
 
 RECORD_SCHEMA = 1
@@ -138,6 +139,8 @@ class Runner(RunRecords):
         self.rank = rank
         self.world_size = world_size
         self.plan = plan_stages(pipeline)
+        check_pipeline([(p.name, p.config, p.stage_cls, p.input_name) for p in self.plan],
+                       pipeline)  # refuses what cannot work on the architecture, before anything
         names = [p.name for p in self.plan]
         for opt, value in (("--from", from_stage), ("--only", only_stage)):
             if value is not None and value not in names:

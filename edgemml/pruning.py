@@ -24,6 +24,7 @@ from torch import nn
 
 from edgemml.errors import ConfigError
 from edgemml.models.serialize import layer_args
+from edgemml.prune_rules import ArchRules, tp_kwargs
 
 Importance = Literal["l1", "l2", "bn_scale", "taylor"]
 Metric = Literal["macs", "params", "channels"]
@@ -121,15 +122,33 @@ def match_patterns(model: nn.Module, patterns: Iterable[str]) -> dict[str, list[
     return out
 
 
+#: layer types whose forward reads shape attributes set by their constructor (normalized_shape,
+#: in_features, ...): pruned, they must be rebuilt from recorded constructor arguments
+_SHAPED_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+                  nn.GroupNorm, nn.PReLU, nn.MultiheadAttention, nn.Embedding)
+
+
 def unsafe_modules(model: nn.Module) -> dict[str, str]:
-    """Modules holding parameters that edgemml cannot re-create at a pruned shape (anything but
-    Conv, Linear, BatchNorm, LayerNorm, GroupNorm, PReLU): they are kept whole, with the reason."""
+    """Layers that edgemml cannot re-create at a pruned shape: kept whole, with the reason.
+
+    Only layer types whose constructor arguments the model spec does not record (e.g. a Linear
+    subclass of the user's) are unsafe, and only they are kept, not their children. A module that
+    merely owns a bare parameter (ConvNeXt's layer_scale, ViT's class_token) is safe: model.json
+    records bare parameters at their pruned shape (`param_shapes`). Freezing such a module with all
+    its children used to freeze every ConvNeXt block and the whole ViT. A layer rebuilt by its
+    recorded parent (MultiheadAttention's out_proj) is safe too.
+    """
     out: dict[str, str] = {}
+    rebuilt = [n for n, m in model.named_modules() if layer_args(m) is not None]
     for name, m in model.named_modules():
-        own = list(m.parameters(recurse=False))
-        if own and layer_args(m) is None:
-            out[name or "(model)"] = (f"{type(m).__name__} holds parameters that the saved model spec "
-                                      f"cannot record at another shape")
+        if not isinstance(m, _SHAPED_LAYERS) or layer_args(m) is not None:
+            continue
+        if not list(m.parameters(recurse=False)):
+            continue
+        if any(name.startswith(p + ".") for p in rebuilt if p):
+            continue
+        out[name or "(model)"] = (f"{type(m).__name__} is a {type(m).__mro__[1].__name__} subclass "
+                                  f"whose constructor arguments the saved model spec cannot record")
     return out
 
 
@@ -148,6 +167,7 @@ class PruneSettings:
     head: str | None = None                        # output channels kept, input channels follow
     frozen: set[str] = field(default_factory=set)  # shapes kept entirely (in and out)
     min_keep: dict[str, int] = field(default_factory=dict)  # layer -> fewest output channels allowed
+    rules: ArchRules = field(default_factory=ArchRules)     # the architecture's torch-pruning options
 
 
 def min_keep_channels(original: dict[str, dict[str, Any]], max_sparsity: float,
@@ -172,21 +192,29 @@ def prune_step(model: nn.Module, example: torch.Tensor, ratio: float, settings: 
 
     Groups that touch a frozen layer (as input or output) are skipped, so frozen layers keep their
     whole shape; a group that would take a layer below its `min_keep` is trimmed to its least
-    important channels. Returns the number of groups pruned.
+    important channels (except grouped channels, e.g. attention heads, which are pruned whole or
+    not at all). The architecture's rules (edgemml.prune_rules) add torch-pruning's options.
+    Returns the number of groups pruned.
     """
     if ratio <= 0:
         return 0
+    rules = settings.rules
     mods = dict(model.named_modules())
     names = {id(m): n for n, m in mods.items()}
-    ignored = [mods[n] for n in settings.frozen if n in mods]
+    ignored = [mods[n] for n in settings.frozen if n in mods] + rules.ignored(model)
     if settings.head:
         ignored.append(mods[settings.head])
-    frozen_ids = {id(m) for n in settings.frozen if n in mods for m in mods[n].modules()}
+    # ignore: patterns already name every submodule; an unsafe layer is kept alone
+    frozen_ids = {id(mods[n]) for n in settings.frozen if n in mods}
+    kwargs = tp_kwargs(rules, model)
     model.eval()
-    pruner = tp.pruner.BasePruner(
-        model, example, importance=make_importance(settings.importance),
-        global_pruning=settings.global_pruning if global_pruning is None else global_pruning,
-        pruning_ratio=ratio, ignored_layers=ignored, round_to=settings.round_to)
+    with rules.trace_patch():
+        pruner = tp.pruner.BasePruner(
+            model, example, importance=make_importance(settings.importance),
+            global_pruning=settings.global_pruning if global_pruning is None else global_pruning,
+            pruning_ratio=ratio, ignored_layers=ignored,
+            round_to=rules.round_to(model, settings.round_to), **kwargs)
+    grouped = bool(kwargs.get("out_channel_groups"))
     groups = 0
     for group in list(pruner.step(interactive=True)):
         if frozen_ids and _touches(group, frozen_ids):
@@ -198,6 +226,8 @@ def prune_step(model: nn.Module, example: torch.Tensor, ratio: float, settings: 
         if allowed <= 0:
             continue
         if len(idxs) > allowed:
+            if grouped:
+                continue
             imp = pruner.estimate_importance(group)
             order = torch.argsort(imp).tolist() if imp is not None and len(imp) == len(idxs) else \
                 list(range(len(idxs)))
@@ -207,6 +237,7 @@ def prune_step(model: nn.Module, example: torch.Tensor, ratio: float, settings: 
                 continue
         group.prune()
         groups += 1
+    rules.post_prune(model)
     return groups
 
 

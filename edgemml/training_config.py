@@ -81,6 +81,11 @@ class TrainOptions(StrictModel):
     step_epochs: int = Field(10, ge=1, description="Step schedule: decay every this many epochs.")
     gamma: float = Field(0.1, gt=0, le=1, description="Step schedule: decay factor.")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing of the CE loss.")
+    aux_loss_weight: float = Field(
+        0.3, ge=0, description="Models with auxiliary classifiers (googlenet, inception_v3 built "
+        "with aux_logits) return their logits in training mode: this weight times each aux "
+        "head's cross-entropy is added to the main loss (0.3: the GoogLeNet paper); 0 trains the "
+        "main head only. Exported and evaluated models use the main head alone.")
     grad_clip: float | None = Field(None, gt=0, description="Clip the gradient norm to this.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig,
                                    description="Random augmentations of the training images.")

@@ -308,7 +308,7 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, stem:
     An RGB stem kernel is adapted to the model's in_chans (see adapt_stem_weight); other tensors whose
     shapes differ (typically the classifier for a new class count) are skipped when skip_mismatched.
     """
-    from edgemml.models.registry import adapt_stem_weight
+    from edgemml.models.registry import adapt_stem_weight, versioned_state
 
     state = strip_wrapper_prefixes(state_dict, model.state_dict().keys())
     target = model.state_dict()
@@ -330,6 +330,6 @@ def load_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, stem:
         else:
             raise InputError(f"checkpoint tensor {key} has shape {tuple(value.shape)}, the model "
                              f"needs {tuple(want)}")
-    result = model.load_state_dict(fitted, strict=False)
+    result = model.load_state_dict(versioned_state(fitted, model), strict=False)
     return LoadReport(sorted(fitted), adapted, skipped, sorted(result.missing_keys),
                       sorted(k for k in state if k not in target))

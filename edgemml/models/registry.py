@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Callable
+from collections import OrderedDict
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -136,8 +137,11 @@ def _trace_calls(model: nn.Module, types: tuple[type, ...], in_chans: int | None
     model.eval()
     last_error: Exception | None = None
     output = None
+    # A ViT runs only at the image_size it was built for: try that first.
+    own = getattr(model, "image_size", None)
+    sizes = ((own,) if isinstance(own, int) else ()) + (64, 224, 32, 299)
     try:
-        for size in (64, 224, 32, 299):
+        for size in sizes:
             calls.clear()
             try:
                 with torch.no_grad():
@@ -228,3 +232,22 @@ def adapt_stem_weight(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
         return weight.sum(dim=1, keepdim=True).repeat(1, 2, 1, 1) / 2
     extra = weight.mean(dim=1, keepdim=True).repeat(1, in_chans - 3, 1, 1)
     return torch.cat([weight, extra], dim=1) * (3.0 / in_chans)
+
+
+def versioned_state(state: Mapping[str, torch.Tensor], model: nn.Module) -> OrderedDict[str, Any]:
+    """`state` carrying the module versions (`_metadata`) of `model`'s own state dict.
+
+    `load_state_dict` passes each module its `_version` from the state dict's `_metadata`; a plain
+    dict (safetensors' load_file, a dict comprehension, a merged mapping) has none, and modules that
+    check it fail: torchvision's MNASNet raises "version should be set to 1 or 2 instead of None".
+    Every state dict edgemml loads into a module of this torchvision was written by the same code
+    (or mapped key by key onto it), so the versions of the module it is loaded into are the right
+    ones.
+    """
+    out: OrderedDict[str, Any] = OrderedDict(state)
+    meta = getattr(state, "_metadata", None)
+    if meta is None:
+        meta = getattr(model.state_dict(), "_metadata", None)
+    if meta is not None:
+        out._metadata = meta  # type: ignore[attr-defined]
+    return out

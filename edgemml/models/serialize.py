@@ -22,7 +22,7 @@ from torch import nn
 from edgemml.artifacts import atomic_path, write_text_atomic
 from edgemml.config import ModelConfig
 from edgemml.errors import InputError
-from edgemml.models.registry import build_model, set_submodule
+from edgemml.models.registry import build_model, set_submodule, versioned_state
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_SPEC = "model.json"
@@ -52,6 +52,10 @@ class ModelSpec(BaseModel):
         default_factory=dict,
         description="Module name -> {type, args} for parameter-free modules replaced by another "
         "(a rewrite: SiLU -> ReLU6, a squeeze-excitation block -> Identity); applied first.")
+    attributes: dict[str, dict[str, int]] = Field(
+        default_factory=dict,
+        description="Module name -> plain integer attributes that differ from the freshly built "
+        "architecture and that its forward reads (e.g. VisionTransformer.hidden_dim after pruning).")
     extra: dict[str, Any] = Field(default_factory=dict, description="Free metadata (stage, metrics...).")
 
     def model_cfg(self) -> ModelConfig:
@@ -80,18 +84,44 @@ def _bn_args(m: nn.modules.batchnorm._BatchNorm) -> dict[str, Any]:
             "track_running_stats": m.track_running_stats}
 
 
+def _mha_args(m: nn.MultiheadAttention) -> dict[str, Any]:
+    return {"embed_dim": m.embed_dim, "num_heads": m.num_heads, "dropout": m.dropout,
+            "bias": m.in_proj_bias is not None, "add_bias_kv": m.bias_k is not None,
+            "add_zero_attn": m.add_zero_attn, "kdim": m.kdim, "vdim": m.vdim,
+            "batch_first": m.batch_first}
+
+
+def _ln_args(m: nn.LayerNorm) -> dict[str, Any]:
+    return {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
+            "elementwise_affine": m.elementwise_affine, "bias": getattr(m, "bias", None) is not None}
+
+
 _LAYERS: dict[type, Any] = {
     nn.Conv1d: _conv_args, nn.Conv2d: _conv_args, nn.Conv3d: _conv_args,
     nn.BatchNorm1d: _bn_args, nn.BatchNorm2d: _bn_args, nn.BatchNorm3d: _bn_args,
     nn.Linear: lambda m: {"in_features": m.in_features, "out_features": m.out_features,
                           "bias": m.bias is not None},
-    nn.LayerNorm: lambda m: {"normalized_shape": list(m.normalized_shape), "eps": m.eps,
-                             "elementwise_affine": m.elementwise_affine,
-                             "bias": getattr(m, "bias", None) is not None},
+    nn.LayerNorm: _ln_args,
     nn.GroupNorm: lambda m: {"num_groups": m.num_groups, "num_channels": m.num_channels,
                              "eps": m.eps, "affine": m.affine},
     nn.PReLU: lambda m: {"num_parameters": m.num_parameters},
+    nn.MultiheadAttention: _mha_args,  # rebuilds its out_proj too
 }
+
+
+def _register_torchvision_layers() -> None:
+    """torchvision layer subclasses that take their base's constructor arguments."""
+    try:
+        from torchvision.models.convnext import LayerNorm2d
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        return
+    _LAYERS[LayerNorm2d] = _ln_args
+
+
+_register_torchvision_layers()
+
+#: plain int attributes a module's forward reads that structured pruning changes
+_INT_ATTRIBUTES = ("hidden_dim",)
 
 
 def layer_args(module: nn.Module) -> dict[str, Any] | None:
@@ -165,13 +195,27 @@ def diff_layer_shapes(model: nn.Module, fresh: nn.Module) -> tuple[dict[str, dic
     params: dict[str, list[int]] = {}
     for key, tensor in model.state_dict().items():
         owner = key.rpartition(".")[0]
-        if owner in layers:
+        if owner in layers or any(owner.startswith(f"{n}.") for n in layers):
             continue
         if key not in fresh_state:
             raise ValueError(f"tensor {key} does not exist in the freshly built architecture")
         if tuple(tensor.shape) != fresh_state[key]:
             params[key] = list(tensor.shape)
     return layers, params
+
+
+def diff_attributes(model: nn.Module, fresh: nn.Module) -> dict[str, dict[str, int]]:
+    """Plain int attributes (_INT_ATTRIBUTES) of `model`'s modules that differ from `fresh`."""
+    fresh_modules = dict(fresh.named_modules())
+    out: dict[str, dict[str, int]] = {}
+    for name, mod in model.named_modules():
+        ref = fresh_modules.get(name)
+        for attr in _INT_ATTRIBUTES:
+            value = getattr(mod, attr, None)
+            if (isinstance(value, int) and not isinstance(value, bool) and ref is not None
+                    and getattr(ref, attr, None) != value):
+                out.setdefault(name, {})[attr] = value
+    return out
 
 
 def save_model(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
@@ -186,7 +230,8 @@ def save_model(model: nn.Module, spec: ModelSpec, folder: Path) -> None:
     types = diff_module_types(model, fresh)
     layers, params = diff_layer_shapes(model, apply_module_types(fresh, types))
     spec = spec.model_copy(update={"module_types": types, "layer_shapes": layers,
-                                   "param_shapes": params})
+                                   "param_shapes": params,
+                                   "attributes": diff_attributes(model, fresh)})
     # Clone: safetensors refuses shared or non-contiguous storage (tied weights, views).
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     with atomic_path(folder / MODEL_WEIGHTS) as tmp:
@@ -257,6 +302,13 @@ def apply_layer_shapes(model: nn.Module, spec: ModelSpec) -> nn.Module:
             setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
         else:
             owner.register_buffer(attr, new)
+    for name, attrs in spec.attributes.items():
+        module = model.get_submodule(name) if name else model
+        for attr, value in attrs.items():
+            if attr not in _INT_ATTRIBUTES:
+                raise ValueError(f"attribute {attr!r} of {name or 'the model'} is not one edgemml "
+                                 f"records")
+            setattr(module, attr, int(value))
     return model
 
 
@@ -278,7 +330,7 @@ def load_model(folder: Path) -> tuple[nn.Module, ModelSpec]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise InputError(f"not a readable safetensors file: {exc}", file=weights) from None
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(versioned_state(state, model), strict=True)
     except RuntimeError as exc:
         raise InputError(f"weights do not match the architecture in {MODEL_SPEC}: "
                          f"{str(exc).splitlines()[0]} ...", file=weights,

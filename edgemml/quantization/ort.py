@@ -72,10 +72,29 @@ class ArrayReader:
 
 
 def preprocess_for_quantization(src: Path, dst: Path) -> None:
-    """ORT's quant_pre_process: symbolic + ONNX shape inference and graph optimisation."""
+    """ORT's quant_pre_process: symbolic + ONNX shape inference and graph optimisation.
+
+    Nodes are then given a unique name where they have none (its optimiser leaves some unnamed,
+    e.g. in mobilenet_v3_small): the budget search ranks and excludes nodes by name, and an
+    unnamed node was ranked as '' and 'kept in float' without anything being excluded.
+    """
+    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+    model = onnx.load(str(dst))
+    taken = {n.name for n in model.graph.node}
+    renamed = 0
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            name = f"{node.op_type}_unnamed_{i}"
+            while name in taken:
+                name += "_"
+            node.name = name
+            taken.add(name)
+            renamed += 1
+    if renamed:
+        onnx.save(model, str(dst))
 
 
 class OrtQuantizer:

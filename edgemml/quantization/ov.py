@@ -118,7 +118,7 @@ def float_layers(model: Any) -> tuple[list[str], list[str]]:
     return quantized, floating
 
 
-def _logits(model_or_xml: Any, x: np.ndarray) -> tuple[np.ndarray, str]:
+def logits_f32(model_or_xml: Any, x: np.ndarray) -> tuple[np.ndarray, str]:
     """Outputs in fp32 execution (INFERENCE_PRECISION_HINT=f32), and that precision."""
     ov_rt = runtimes.backend("openvino")
     compiled, precision = ov_rt.compile(model_or_xml, threads=None, exact=True)
@@ -137,12 +137,15 @@ def _top1(compiled: Any, x: np.ndarray, y: np.ndarray) -> float:
 def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, settings: OvSettings, *,
                 val_x: np.ndarray, val_y: np.ndarray, ref: np.ndarray, fp32_pct: float | None,
                 budget_pp: float | None, max_float_layers: int | None,
-                log: Callable[[str], None] = print) -> tuple[Searched, str]:
+                log: Callable[[str], None] = print,
+                keep_plain: Path | None = None) -> tuple[Searched, str]:
     """An int8 IR of an fp32 ONNX model in out_dir/model.xml, and the precision it runs in.
 
     nncf.quantize first; if the top-1 drop exceeds `budget_pp`,
     nncf.quantize_with_accuracy_control keeps layers in float. Accuracy is measured with the IR
     compiled in f32, and which layers stayed in float is read from the saved IR itself.
+    `keep_plain`: a folder where the plain int8 IR is kept when the budget search replaces it
+    (the per-layer error of the layers kept in float is measured on it).
     """
     import shutil
 
@@ -150,7 +153,7 @@ def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, setting
 
     model = ov.convert_model(str(fp32_onnx))
     save_ir(quantize_ov(model, calibration, settings), out_dir / IR_XML, compress_to_fp16=False)
-    logits, precision = _logits(out_dir / IR_XML, val_x)
+    logits, precision = logits_f32(out_dir / IR_XML, val_x)
     plain = score(logits, val_y, ref, fp32_pct)
     final, search = plain, None
     if budget_pp is not None and plain.drop_pp is not None and plain.drop_pp > budget_pp:
@@ -159,9 +162,13 @@ def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, setting
         q = quantize_ov_with_budget(ov.convert_model(str(fp32_onnx)), calibration, val_x, val_y,
                                     settings, max_drop_pp=budget_pp,
                                     max_float_layers=max_float_layers, accuracy=_top1)
-        shutil.rmtree(out_dir)
+        if keep_plain is not None:
+            shutil.rmtree(keep_plain, ignore_errors=True)
+            shutil.move(str(out_dir), str(keep_plain))
+        else:
+            shutil.rmtree(out_dir)
         save_ir(q, out_dir / IR_XML, compress_to_fp16=False)
-        logits, precision = _logits(out_dir / IR_XML, val_x)
+        logits, precision = logits_f32(out_dir / IR_XML, val_x)
         final = score(logits, val_y, ref, fp32_pct)
         search = {"budget_pp": budget_pp, "method": "nncf.quantize_with_accuracy_control",
                   "max_float_layers": max_float_layers,

@@ -16,9 +16,9 @@ from typing import Any
 from edgemml.report.front import front_table
 from edgemml.report.gates import required_failures
 from edgemml.report.schema import Report
-from edgemml.report.tables import (artifact_table, gate_table, io_notes, rewrite_tables,
-                                   robust_columns, robustness_gap_table, robustness_notes,
-                                   robustness_table, to_html)
+from edgemml.report.tables import (artifact_table, gate_table, io_notes, per_layer_tables,
+                                   rewrite_tables, robust_columns, robustness_gap_table,
+                                   robustness_notes, robustness_table, to_html)
 
 _COLORS = {"torch": "#555555", "onnxruntime": "#1f77b4", "openvino": "#d62728"}
 _MARKERS = {"fp32": "o", "fp16": "s", "int8": "^"}
@@ -349,6 +349,11 @@ def render_html(report: Report) -> str:
     for line, table in rewrite_tables(report):
         parts += ["<h2>Rewrite: original vs rewritten in int8</h2>",
                   f"<p>{html.escape(line.replace('`', ''))}</p>", to_html(table)]
+    per_layer = per_layer_tables(report)
+    if per_layer:
+        parts.append("<h2>Per-layer int8 error (worst layers)</h2>")
+        for title, table in per_layer:
+            parts += [f"<h3>{html.escape(title)}</h3>", to_html(table)]
     for pid, title, svg in plots:
         if svg is None:
             continue

@@ -8,9 +8,9 @@ from __future__ import annotations
 from edgemml.report.front import front_table
 from edgemml.report.gates import fmt, required_failures
 from edgemml.report.schema import Report
-from edgemml.report.tables import (artifact_table, gate_table, io_notes, rewrite_tables,
-                                   robustness_gap_table, robustness_notes, robustness_table,
-                                   stage_table, to_markdown)
+from edgemml.report.tables import (artifact_table, gate_table, io_notes, per_layer_tables,
+                                   rewrite_tables, robustness_gap_table, robustness_notes,
+                                   robustness_table, stage_table, to_markdown)
 
 
 def render_markdown(report: Report) -> str:
@@ -83,4 +83,12 @@ def render_markdown(report: Report) -> str:
     stages = stage_table(report)
     if stages:
         out += ["## Stages", ""] + to_markdown(stages) + [""]
+    per_layer = per_layer_tables(report)
+    if per_layer:
+        out += ["## Per-layer int8 error (worst layers)", "",
+                "SQNR of each layer's output against fp32 on calibration samples (cumulative: "
+                "what the next layer reads); the first layer far below its predecessors is the "
+                "one to keep in float.", ""]
+        for title, table in per_layer:
+            out += [f"### {title}", ""] + to_markdown(table, emoji=False) + [""]
     return "\n".join(out) + "\n"

@@ -226,6 +226,35 @@ def robustness_gap_table(report: Report) -> Table | None:
     return table
 
 
+def per_layer_tables(report: Report) -> list[tuple[str, Table]]:
+    """Per quantize stage and backend: the int8 layers with the lowest SQNR against fp32 (on
+    calibration samples, cumulative: what the next layer reads), and the layers the accuracy
+    budget kept in float with the error they had in int8."""
+    out: list[tuple[str, Table]] = []
+    for s in report.get("stages") or []:
+        for backend, entry in (s.get("per_layer") or {}).items():
+            table = Table(["layer", "op", "SQNR dB", "cosine", "in int8"], "llrrl")
+            for r in entry.get("worst") or []:
+                table.rows.append([Cell(r["layer"], code=True), Cell(r["op"]),
+                                   _num(r["sqnr_db"]), _num(r["cosine"]),
+                                   Cell("yes" if r.get("quantized") else "no")])
+            for r in entry.get("kept_in_float") or []:
+                why = "kept in float"
+                if r.get("sqnr_db_when_int8") is not None:
+                    why += f" (int8: {fmt(r['sqnr_db_when_int8'])} dB"
+                    if r.get("logits_error_when_only_it_is_int8") is not None:
+                        why += f", logits error alone {fmt(r['logits_error_when_only_it_is_int8'])}"
+                    why += ")"
+                table.rows.append([Cell(r["layer"], code=True), Cell("-"), Cell("-"), Cell("-"),
+                                   Cell(why)])
+            title = (f"{s['name']}: {backend}, {entry.get('layers')} layers on "
+                     f"{entry.get('samples')} calibration samples, median SQNR "
+                     f"{fmt(entry.get('median_sqnr_db'))} dB")
+            if table.rows:
+                out.append((title, table))
+    return out
+
+
 # ---- renderers ------------------------------------------------------------------------------
 
 

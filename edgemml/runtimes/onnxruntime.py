@@ -162,3 +162,32 @@ def _node_macs(n: Any, shapes: dict[str, list[int]]) -> int:
             k = a[0] if trans_a else a[-1]
         return int(np.prod(shapes[n.output[0]])) * int(k)
     return 0
+
+
+def all_outputs(path: Path, x: np.ndarray, *, batch_size: int = 32) -> dict[str, np.ndarray]:
+    """Every graph output of an ONNX file on `x`, by name, with graph optimisations off.
+
+    For per-layer error: intermediate tensors added as graph outputs must keep the values the graph
+    defines (a fused QDQ kernel would not produce them), as onnxruntime.quantization's own
+    qdq_loss_debug runs them.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT's own error types: the file is unusable
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"ONNX Runtime cannot load {Path(path).name}: {first}",
+                         file=path) from None
+    inp = sess.get_inputs()[0].name
+    names = [o.name for o in sess.get_outputs()]
+    acc: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i in range(0, len(x), batch_size):
+        outs = sess.run(names, {inp: np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32)})
+        for n, o in zip(names, outs):
+            acc[n].append(np.asarray(o))
+    return {n: np.concatenate(v) if v and v[0].ndim else np.stack(v) for n, v in acc.items()}

@@ -115,3 +115,33 @@ def open(path: Path, *, threads: int | None, exact: bool = False,
          name: str | None = None) -> Runner:
     compiled, precision = compile(path, threads=threads, exact=exact)
     return runner_for(compiled, precision, threads=threads, name=name or Path(path).name)
+
+
+def tapped_outputs(model: Any, names: list[str], x: np.ndarray, *,
+                   batch_size: int = 32) -> dict[str, np.ndarray]:
+    """The outputs of the named ops (friendly names) of an ov.Model on `x`, compiled pinned to f32.
+
+    For per-layer error. The model is changed in place (the taps are added as outputs). Measured
+    trap: with many taps on an int8 IR at once, the CPU plugin's low-precision transformations
+    return values before their dequantization scales (cosine 0.2 while the logits agreed 99 %);
+    one tap per compiled model reads the true value. Callers tap an int8 model one op at a time.
+    """
+    ops = {op.get_friendly_name(): op for op in model.get_ordered_ops()}
+    missing = [n for n in names if n not in ops]
+    if missing:
+        raise InputError(f"no op named {missing[0]!r} in the OpenVINO model")
+    tags = {}
+    for n in names:
+        tag = "edgemml-tap:" + n
+        ops[n].output(0).get_tensor().add_names({tag})
+        tags[n] = tag
+    model.add_outputs(list(tags.values()))
+    compiled, _ = compile(model, threads=None, exact=True)
+    request = compiled.create_infer_request()
+    ports = {n: compiled.output(tag) for n, tag in tags.items()}
+    acc: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for i in range(0, len(x), batch_size):
+        res = request.infer([np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32)])
+        for n, port in ports.items():
+            acc[n].append(np.asarray(res[port], dtype=np.float32).copy())
+    return {n: np.concatenate(v) for n, v in acc.items()}

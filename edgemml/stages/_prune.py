@@ -39,6 +39,7 @@ class PruneJob:
 
         from edgemml import pruning
         from edgemml.models import find_classifier
+        from edgemml.prune_rules import rules_for
         from edgemml.training import seed_everything
 
         self.ctx, self.config = ctx, config
@@ -59,11 +60,15 @@ class PruneJob:
                                if n != self.head and not _inside(n, self.frozen)]
         self.layers_before = pruning.layer_table(self.model, self.example)
         self.size0 = pruning.measure(self.model, self.example, self.channel_layers)
+        self.rules = rules_for(self.spec.arch, self.model)
+        if self.rules.why:
+            ctx.log(f"{self.rules.family} rules for torch-pruning: {self.rules.why}")
         self.settings = pruning.PruneSettings(
             importance=config.importance, global_pruning=config.global_pruning,
             round_to=config.round_to, head=self.head, frozen=set(self.frozen),
             min_keep=pruning.min_keep_channels(self.layers_before, config.max_layer_sparsity,
-                                               config.round_to))
+                                               config.round_to), rules=self.rules)
+        self.graph_probe = self._guard()
         self.compute_grads = (_taylor_grads(self.splits.train, config, ctx.seed)
                               if config.importance == "taylor" else None)
         if len(self.splits.val) == 0:
@@ -89,6 +94,41 @@ class PruneJob:
                 frozen[n] = reason
                 self.ctx.warn(f"{n} is kept unpruned automatically: {reason}")
         return frozen
+
+    def _guard(self) -> dict[str, Any]:
+        """Build the dependency graph once in a child process, its memory and time watched
+        (edgemml.prune_guard); stop cleanly when it would not fit."""
+        from edgemml import prune_guard
+
+        config, ctx = self.config, self.ctx
+        budget = config.max_memory_mb or prune_guard.default_budget_mb()
+        with ctx.progress("dependency graph (memory-guarded child process)", None):
+            probe = prune_guard.probe(
+                ctx.input()["model"], size=tuple(self.pre.size), ratio=config.max_layer_sparsity / 2,
+                settings={"importance": config.importance, "round_to": config.round_to,
+                          "head": self.head, "frozen": sorted(self.frozen)},
+                budget_mb=budget, timeout_s=config.graph_timeout_s)
+        arch = self.spec.arch or self.spec.python
+        h, w = self.pre.size
+        if probe.stopped == "memory":
+            raise StageError(
+                f"torch-pruning's dependency graph of {arch} at {h}x{w} exceeded the memory budget "
+                f"of {budget:.0f} MB (peak measured {probe.peak_rss_mb:.0f} MB in a child process, "
+                f"stopped before the machine ran out)", stage=ctx.name, key="max_memory_mb",
+                hint="prune at a smaller preprocess size, add the attention/reshape-heavy blocks "
+                "to `ignore:`, or raise prune.max_memory_mb if the machine has the memory")
+        if probe.stopped == "time":
+            raise StageError(
+                f"torch-pruning's dependency graph of {arch} at {h}x{w} did not finish in "
+                f"{config.graph_timeout_s:g} s (peak {probe.peak_rss_mb:.0f} MB)",
+                stage=ctx.name, key="graph_timeout_s",
+                hint="raise prune.graph_timeout_s on a busy machine, or add the reshape-heavy "
+                "blocks to `ignore:`")
+        if probe.error:
+            ctx.log(f"dependency graph probe: {probe.error} (the search below reports it)")
+        ctx.log(f"dependency graph: peak {probe.peak_rss_mb:.0f} MB of {budget:.0f} MB budget, "
+                f"{probe.seconds:.1f} s (child process)")
+        return probe.as_dict()
 
     def top1(self, m: nn.Module) -> float | None:
         from edgemml.training import evaluate
@@ -274,8 +314,11 @@ class PruneJob:
                          "round_to": config.round_to, "steps": config.steps,
                          "max_layer_sparsity": config.max_layer_sparsity,
                          "recover": config.recover is not None,
-                         "distill": self.teacher is not None},
+                         "distill": self.teacher is not None,
+                         "architecture_rules": {"family": self.rules.family,
+                                                "why": self.rules.why or None}},
             "head": self.head, "kept_whole": self.frozen,
+            "dependency_graph": self.graph_probe,
             "layers": {n: {"type": b["type"], "in": [b["in"], layers_after[n]["in"]],
                            "out": [b["out"], layers_after[n]["out"]],
                            "macs": [b["macs"], layers_after[n]["macs"]],
@@ -318,9 +361,13 @@ def _taylor_grads(train_set: Any, config: PruneConfig, seed: int) -> Any:
 def _check_forward(model: nn.Module, example: Any, num_classes: int, stage: str) -> None:
     import torch
 
+    from edgemml.prune_rules import aux_forward, has_aux_heads
+
     try:
         with torch.no_grad():
             out = model.eval()(example)
+            if has_aux_heads(model):  # recovery trains in training mode, aux heads included
+                aux_forward(model, torch.cat([example, example]))
     except RuntimeError as exc:
         raise StageError(f"the pruned model no longer runs: {str(exc).splitlines()[0]}",
                          stage=stage, key="ignore", hint="torch-pruning could not follow a "

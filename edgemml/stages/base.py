@@ -175,6 +175,13 @@ class Stage(ABC, Generic[C]):
         return None
 
     @classmethod
+    def model_needs(cls, config: C) -> tuple[str, ...]:
+        """What the stage does with its model: "build" (at its input size), "train", "prune",
+        "quantize" (int8 through ONNX), "export". Checked against the architecture's measured capabilities before
+        anything runs (edgemml.stages._capabilities)."""
+        return ()
+
+    @classmethod
     def data_files(cls, config: C, pipeline: LoadedPipeline) -> list[Path]:
         """Files whose bytes define this stage's result (data, checkpoints): they enter the
         fingerprint by content, so editing a data file re-runs the stage."""

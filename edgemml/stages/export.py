@@ -146,6 +146,10 @@ class ExportStage(Stage[ExportConfig]):
         return config.quantized == "auto"
 
     @classmethod
+    def model_needs(cls, config: ExportConfig) -> tuple[str, ...]:
+        return ("export",)
+
+    @classmethod
     def references(cls, config: ExportConfig) -> list[tuple[str, str]]:
         refs = super().references(config)
         if config.quantized not in ("auto", "none"):

@@ -119,12 +119,13 @@ def _n_params(model: nn.Module) -> int:
 def _rebuild(payload: dict[str, Any]) -> tuple[nn.Module, ModelSpec]:
     """A model from (spec, state dict): how ranks other than 0 receive rank 0's model."""
     from edgemml.models import ModelSpec, build_model
+    from edgemml.models.registry import versioned_state
     from edgemml.models.serialize import apply_layer_shapes
 
     spec = ModelSpec.model_validate(payload["spec"])
     model = build_model(spec.model_cfg(), num_classes=spec.num_classes, in_chans=spec.in_chans)
     apply_layer_shapes(model, spec)
-    model.load_state_dict(payload["state"], strict=True)
+    model.load_state_dict(versioned_state(payload["state"], model), strict=True)
     return model, spec
 
 
@@ -144,6 +145,10 @@ class Finetune(Stage[FinetuneConfig]):
     @classmethod
     def needs_input(cls, config: FinetuneConfig) -> bool:
         return config.model is None
+
+    @classmethod
+    def model_needs(cls, config: FinetuneConfig) -> tuple[str, ...]:
+        return ("build", "train")
 
     @classmethod
     def references(cls, config: FinetuneConfig) -> list[tuple[str, str]]:

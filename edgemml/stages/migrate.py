@@ -204,6 +204,10 @@ class Migrate(Stage[MigrateConfig]):
         return check_family(config.sources, config.target, earlier, model)
 
     @classmethod
+    def model_needs(cls, config: MigrateConfig) -> tuple[str, ...]:
+        return ("build",)
+
+    @classmethod
     def references(cls, config: MigrateConfig) -> list[tuple[str, str]]:
         refs = super().references(config)
         refs += [(f"sources.{i}.stage", s.stage) for i, s in enumerate(config.sources) if s.stage]
@@ -234,6 +238,7 @@ class Migrate(Stage[MigrateConfig]):
         import torch
 
         from edgemml.models import ModelSpec
+        from edgemml.models.registry import versioned_state
         from edgemml.models.transfer import RenameRule, coverage, fuse
 
         t = self._target(ctx, config)
@@ -250,8 +255,8 @@ class Migrate(Stage[MigrateConfig]):
         maps = [map_onto(ctx, config, i, src, model, target_state, rules, growth, stem, head,
                          target_classes) for i, src in enumerate(sources)]
         fused = fuse(maps, config.fuse)
-        model.load_state_dict({**target_state, **{k: f.value for k, f in fused.items()}},
-                              strict=True)
+        merged = {**target_state, **{k: f.value for k, f in fused.items()}}
+        model.load_state_dict(versioned_state(merged, model), strict=True)
         batches = _grow.sample_batches(splits, config.function_samples)
         example = batches[0][:8] if batches else torch.zeros(2, in_chans, *preprocess.size)
         grown = _grow.init_new(growth, model, fused, head, example) if growth else set()

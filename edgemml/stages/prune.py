@@ -128,6 +128,12 @@ class PruneConfig(StageConfig):
     bn_batch_size: int = Field(64, ge=2, description="Batch size for BatchNorm re-estimation.")
     latency: LatencyConfig | None = Field(default_factory=LatencyConfig,
                                           description="Latency measurement; null: skip.")
+    max_memory_mb: float | None = Field(
+        None, gt=0, description="Memory budget (MB, resident) of torch-pruning's dependency "
+        "graph, measured in a child process before the search; above it the stage stops with "
+        "exit 2 instead of being killed by the kernel. Default: 60% of the memory available "
+        "when the stage starts.")
+    graph_timeout_s: float = Field(900, gt=0, description="Time limit (s) of that measurement.")
     data: DataConfig | None = None
     preprocess: PreprocessConfig | None = None
 
@@ -174,6 +180,10 @@ class PruneStage(Stage[PruneConfig]):
     provides = ("model", "report")
     #: the (seeded) search runs again; recovery resumes after its last epoch checkpoint
     resumable: ClassVar[bool] = True
+
+    @classmethod
+    def model_needs(cls, config: PruneConfig) -> tuple[str, ...]:
+        return ("prune",)
 
     @classmethod
     def data_files(cls, config: PruneConfig, pipeline: LoadedPipeline) -> list[Path]:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgemml.config import DataConfig, LoadedPipeline, PreprocessConfig, StageConfig, StrictModel
 from edgemml.errors import InputError, StageError
@@ -37,6 +37,7 @@ from edgemml.exporters.options import OnnxOptions
 from edgemml.stages._quantize_embedded import (EMBEDDED, Pt2eOptions, check_extras,
                                                quantize_embedded)
 from edgemml.stages.base import Stage, StageContext
+from edgemml.stages._quantize import QatOptions, pct as _pct, record
 from edgemml.stages.common import (check_channels, load_input_model, load_stage_data,
                                    model_preprocess, stage_data_files, write_json)
 
@@ -111,9 +112,22 @@ class QuantizeConfig(StageConfig):
         "(default: no limit).")
     sensitivity_samples: int = Field(64, ge=1, description="Val samples used to rank layer "
                                      "sensitivity (ONNX Runtime).")
+    qat: QatOptions | None = Field(
+        None, description="Quantization-aware training when post-training int8 misses "
+        "max_accuracy_drop even with max_float_layers in float; its int8 ONNX/IR replace the "
+        "post-training ones when they meet it. Needs max_accuracy_drop and torchao.")
+    per_layer_samples: int = Field(
+        32, ge=0, description="Calibration samples on which every int8 layer's output is compared "
+        "with fp32 (SQNR, cosine; the worst 10 in quantize.json and report.html); 0: skip.")
     data: DataConfig | None = Field(None, description="Data (merged over the pipeline's).")
     preprocess: PreprocessConfig | None = Field(
         None, description="Preprocessing when the input model does not record its own.")
+
+    @model_validator(mode="after")
+    def _qat_needs_budget(self) -> QuantizeConfig:
+        if self.qat is not None and self.max_accuracy_drop is None:
+            raise ValueError("qat runs only when int8 misses max_accuracy_drop: set it")
+        return self
 
     @field_validator("backends")
     @classmethod
@@ -132,6 +146,10 @@ class QuantizeStage(Stage[QuantizeConfig]):
     provides = ("onnx-int8", "openvino-int8", "executorch-int8", "litert-int8", "report")
     requires = ("torch", "onnx", "onnxruntime", "openvino", "nncf", "onnxscript", "executorch",
                 "torchao", "litert-torch", "ai-edge-litert")
+
+    @classmethod
+    def model_needs(cls, config: QuantizeConfig) -> tuple[str, ...]:
+        return ("quantize",)
 
     @classmethod
     def data_files(cls, config: QuantizeConfig, pipeline: LoadedPipeline) -> list[Path]:
@@ -175,6 +193,7 @@ class QuantizeStage(Stage[QuantizeConfig]):
             "calibration": calibration, "val_samples": int(len(val_x)),
             "fp32": {"top1_pct": fp32_pct}, "max_accuracy_drop_pp": config.max_accuracy_drop}
         args = _Args(None, calib, val_x, val_y, ref, fp32_pct)
+        args.model, args.train = model, data.train
         outputs: dict[str, Path] = {}
         tmp = ctx.work_dir / "tmp-fp32"
         if {"onnxruntime", "openvino"} & set(config.backends):
@@ -198,8 +217,9 @@ class QuantizeStage(Stage[QuantizeConfig]):
                                                              report, _check_budget)
         if tmp.exists():
             shutil.rmtree(tmp)
+        shutil.rmtree(ctx.work_dir / "tmp-qat", ignore_errors=True)
         outputs["report"] = write_json(ctx, REPORT, report)
-        _record(ctx, report, fp32_pct)
+        record(ctx, report, fp32_pct)
         return outputs
 
     @staticmethod
@@ -225,14 +245,9 @@ class _Args:
                  ref: np.ndarray, fp32_pct: float | None) -> None:
         self.fp32, self.calib, self.val_x, self.val_y = fp32, calib, val_x, val_y
         self.ref, self.fp32_pct = ref, fp32_pct
-
-
-def _pct(a: float | None) -> str:
-    return "n/a" if a is None else f"{a:.2f}%"
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.2f} MB"
+        self.model: Any = None   # the fp32 torch model and the train split, for QAT
+        self.train: Any = None
+        self.qat: Any = None     # the QAT result, shared by both backends
 
 
 def _dir_bytes(folder: Path) -> int:
@@ -262,6 +277,15 @@ def _ort_recipe(config: QuantizeConfig) -> dict[str, Any]:
     }
 
 
+def _qat_note(qat: dict[str, Any] | None) -> str:
+    if qat is None:
+        return ""
+    if qat.get("error"):
+        return f"; quantization-aware training failed: {qat['error']}"
+    return (f"; after quantization-aware training ({qat['steps']} steps): "
+            f"{_pct(qat['top1_pct'])} (drop {qat['accuracy_drop_pp']:.2f} pp)")
+
+
 def _check_budget(ctx: StageContext, config: QuantizeConfig, report: dict[str, Any],
                   backend: str, res: Searched) -> None:
     """Raise (after writing the report) when the budget search did not meet the budget."""
@@ -275,10 +299,12 @@ def _check_budget(ctx: StageContext, config: QuantizeConfig, report: dict[str, A
         f"{res.final.drop_pp:.2f} pp > max_accuracy_drop {config.max_accuracy_drop:g} pp) with "
         f"{len(kept)} layer(s) kept in float"
         + (f" (max_float_layers={cap})" if cap is not None else "")
-        + (f": {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}" if kept else ""),
+        + (f": {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}" if kept else "")
+        + _qat_note(report[backend].get("qat")),
         key="max_accuracy_drop",
         hint=f"raise max_accuracy_drop or max_float_layers, calibrate with more or better data "
-             f"(calibration.samples/method), or fine-tune the model; figures in "
+             f"(calibration.samples/method), fine-tune the model, or give qat: more steps; "
+             f"figures in "
              f"{ctx.work_dir / REPORT}")
 
 
@@ -302,12 +328,26 @@ def _quantize_ort(ctx: StageContext, config: QuantizeConfig, a: _Args,
                            activation_type=recipe["activation_type"],
                            weight_type=recipe["weight_type"], reduce_range=recipe["reduce_range"])
     out = ctx.work_dir / ONNX_INT8
+    quantizer = OrtQuantizer(prepped, a.calib, settings, tmp)
     res = quantize_within_budget(
-        OrtQuantizer(prepped, a.calib, settings, tmp), out, tmp, val_x=a.val_x, val_y=a.val_y,
+        quantizer, out, tmp, val_x=a.val_x, val_y=a.val_y,
         ref=a.ref, fp32_pct=a.fp32_pct, budget_pp=config.max_accuracy_drop,
         max_float_layers=config.max_float_layers,
         sensitivity_samples=config.sensitivity_samples, log=ctx.log, progress=ctx.progress)
+    qat = None
+    if not res.met and config.qat is not None:
+        from edgemml.stages._quantize import qat_ort
+
+        qat = qat_ort(ctx, config, a, res, out, recipe["target"])
     entry = report["onnxruntime"] = {**res.as_dict(), "recipe": recipe}
+    if qat is not None:
+        entry["qat"] = qat
+    if config.per_layer_samples:
+        from edgemml.stages._quantize import ort_per_layer
+
+        entry["per_layer"] = ort_per_layer(
+            prepped, out, a.calib[:config.per_layer_samples], tmp, float_layers=res.float_layers,
+            search=res.search, quantize_plain=quantizer.quantize, log=ctx.log)
     _check_budget(ctx, config, report, "onnxruntime", res)
     fp32_bytes, int8_bytes = a.fp32.stat().st_size, out.stat().st_size
     entry.update(seconds=round(time.perf_counter() - t0, 2), file=ONNX_INT8,
@@ -322,25 +362,39 @@ def _quantize_ort(ctx: StageContext, config: QuantizeConfig, a: _Args,
 
 def _quantize_ov(ctx: StageContext, config: QuantizeConfig, a: _Args,
                  report: dict[str, Any]) -> Path:
-    import openvino as ov
-
     from edgemml.quantization.ov import OvSettings, quantize_ir
+    from edgemml.quantization.perlayer import ov_ir_from_onnx
 
     settings = OvSettings(preset=config.openvino.preset,
                           fast_bias_correction=config.openvino.fast_bias_correction,
                           model_type=config.openvino.model_type, subset_size=len(a.calib))
     t0 = time.perf_counter()
     fp32_dir = ctx.work_dir / "tmp-ov-fp32"
-    ov.save_model(ov.convert_model(str(a.fp32)), str(fp32_dir / "model.xml"),
-                  compress_to_fp16=False)
+    ov_ir_from_onnx(a.fp32, fp32_dir)  # also the per-layer reference
     fp32_ir_bytes = _dir_bytes(fp32_dir)
-    shutil.rmtree(fp32_dir)
-    out_dir = ctx.work_dir / OV_INT8_DIR
+    out_dir, plain_dir = ctx.work_dir / OV_INT8_DIR, ctx.work_dir / "tmp-ov-plain"
     res, precision = quantize_ir(a.fp32, out_dir, a.calib, settings, val_x=a.val_x,
                                  val_y=a.val_y, ref=a.ref, fp32_pct=a.fp32_pct,
                                  budget_pp=config.max_accuracy_drop,
-                                 max_float_layers=config.max_float_layers, log=ctx.log)
+                                 max_float_layers=config.max_float_layers, log=ctx.log,
+                                 keep_plain=plain_dir)
+    qat = None
+    if not res.met and config.qat is not None:
+        from edgemml.stages._quantize import qat_ov
+
+        qat = qat_ov(ctx, config, a, res, out_dir, _ort_recipe(config)["target"])
     int8_bytes = _dir_bytes(out_dir)
+    per_layer = None
+    if config.per_layer_samples:
+        from edgemml.stages._quantize import ov_per_layer
+
+        per_layer = ov_per_layer(
+            fp32_dir / "model.xml", out_dir / "model.xml",
+            plain_dir / "model.xml" if plain_dir.exists() else None,
+            a.calib[:config.per_layer_samples], float_layers=res.float_layers, log=ctx.log,
+            progress=ctx.progress)
+    shutil.rmtree(fp32_dir)
+    shutil.rmtree(plain_dir, ignore_errors=True)
     report["openvino"] = {
         **res.as_dict(), "inference_precision": precision,
         "settings": {"preset": settings.preset, "subset_size": settings.subset_size,
@@ -349,31 +403,12 @@ def _quantize_ov(ctx: StageContext, config: QuantizeConfig, a: _Args,
         "folder": OV_INT8_DIR, "seconds": round(time.perf_counter() - t0, 2),
         "size": {"fp32_bytes": fp32_ir_bytes, "int8_bytes": int8_bytes,
                  "ratio": round(fp32_ir_bytes / int8_bytes, 3)}}
+    if per_layer is not None:
+        report["openvino"]["per_layer"] = per_layer
+    if qat is not None:
+        report["openvino"]["qat"] = qat
     _check_budget(ctx, config, report, "openvino", res)
     return out_dir
-
-
-def _record(ctx: StageContext, report: dict[str, Any], fp32_pct: float | None) -> None:
-    metrics: dict[str, Any] = {"fp32_top1_pct": fp32_pct}
-    for backend, key in (("onnxruntime", "onnx"), ("openvino", "openvino"),
-                         ("executorch", "executorch"), ("litert", "litert")):
-        res = report.get(backend)
-        if res is None:
-            continue
-        metrics[f"{key}_int8_top1_pct"] = res["top1_pct"]
-        metrics[f"{key}_int8_accuracy_drop_pp"] = res["accuracy_drop_pp"]
-        metrics[f"{key}_float_layers"] = len(res["float_layers"])
-        metrics[f"{key}_size_ratio"] = res["size"]["ratio"]
-        extra = (f", {len(res['float_layers'])} layer(s) kept in float" if res["float_layers"]
-                 else "")
-        fp32_what = " of fp32 weights" if "fp32_bytes_means" in res["size"] else ""
-        runs_in = (f" (runs in {res['inference_precision']} outside int8 ops)"
-                   if backend == "openvino" else f" ({res['recipe']['activation_type']} activations)"
-                   if backend == "onnxruntime" else f" ({res['io_note']})")
-        ctx.highlight(f"{backend} int8{runs_in}: val top-1 {_pct(res['top1_pct'])} vs fp32 "
-                      f"{_pct(fp32_pct)}, {_mb(res['size']['fp32_bytes'])}{fp32_what} -> "
-                      f"{_mb(res['size']['int8_bytes'])}{extra}")
-    ctx.record(**metrics)
 
 
 STAGE = QuantizeStage

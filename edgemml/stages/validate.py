@@ -278,8 +278,14 @@ def _run_context(ctx: StageContext) -> tuple[list[dict[str, Any]], dict[str, lis
         record = read_json(record_path) if record_path.is_file() else {}
         metrics = {k: v for k, v in (record.get("metrics") or {}).items()
                    if isinstance(v, (int, float, str, bool)) or v is None}
-        stages.append({"name": o.name, "type": o.type, "wall_time_s": record.get("wall_time_s"),
-                       "started": record.get("started"), "metrics": metrics})
+        row = {"name": o.name, "type": o.type, "wall_time_s": record.get("wall_time_s"),
+               "started": record.get("started"), "metrics": metrics}
+        quant = o.get("report") if o.type == "quantize" else None
+        if quant is not None and quant.is_file():  # per-layer int8 error, for report.html
+            doc = read_json(quant)
+            row["per_layer"] = {b: doc[b]["per_layer"] for b in ("onnxruntime", "openvino")
+                                if isinstance(doc.get(b), dict) and doc[b].get("per_layer")}
+        stages.append(row)
         hist = o.get("history")
         if hist is not None and hist.is_file():
             doc = read_json(hist)

@@ -15,6 +15,7 @@ from edgemml.training.core import (
     recalibrate_bn,
     resolve_device,
     seed_everything,
+    split_outputs,
 )
 from edgemml.training.loop import TrainingInterrupted, TrainResult, train
 from edgemml.training_config import (
@@ -31,4 +32,4 @@ __all__ = ["AugmentConfig", "ChannelAdapter", "DistillConfig", "EarlyStopConfig"
            "LrGroup", "TrainConfig", "TrainOptions", "TrainResult", "TrainingInterrupted",
            "adapt_channels", "build_augment", "distillation_loss", "evaluate", "input_channels",
            "make_loader", "match_modules", "predict_logits", "recalibrate_bn", "resolve_device",
-           "seed_everything", "train"]
+           "seed_everything", "split_outputs", "train"]

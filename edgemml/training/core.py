@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from edgemml.errors import ConfigError, InputError
+from edgemml.errors import ConfigError, InputError, StageError
 from edgemml.metrics import accuracy
 from edgemml.distributed import all_reduce_sum
 from edgemml.training_config import AugmentConfig, TrainOptions
@@ -137,6 +137,21 @@ def input_channels(model: nn.Module) -> int | None:
         if isinstance(m, nn.Conv2d):
             return m.in_channels
     return None
+
+
+def split_outputs(out: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(main logits, auxiliary logits) of a model's output.
+
+    torchvision's googlenet and inception_v3 built with aux_logits return a namedtuple
+    (logits, aux...) in training mode and the logits alone in eval mode; every other model returns
+    a tensor. The first field is always the main head.
+    """
+    if isinstance(out, torch.Tensor):
+        return out, []
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0], [o for o in out[1:] if isinstance(o, torch.Tensor)]
+    raise StageError(f"the model returned {type(out).__name__}, not logits or a tuple of them",
+                     hint="a model for classification must return a logits tensor [N, classes]")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

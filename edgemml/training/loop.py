@@ -33,6 +33,7 @@ from edgemml.distributed import (
     sync_buffers,
 )
 from edgemml.errors import ConfigError, InputError, StageError
+from edgemml.models.registry import versioned_state
 from edgemml.training.core import (
     _epoch_seed,
     adapt_channels,
@@ -48,6 +49,7 @@ from edgemml.training.core import (
     resolve_device,
     save_last,
     seed_everything,
+    split_outputs,
 )
 from edgemml.training_config import DistillConfig, TrainConfig, TrainOptions
 
@@ -210,7 +212,7 @@ class _Trainer:
             saved = broadcast_object(saved)
         if saved is None:
             return
-        self.model.load_state_dict(saved["model"])
+        self.model.load_state_dict(versioned_state(saved["model"], self.model))
         self.opt.load_state_dict(saved["optimizer"])
         self.sched.load_state_dict(saved["scheduler"])
         self.state = ResumeState(**saved["state"])
@@ -253,7 +255,8 @@ class _Trainer:
             self.loader.generator.manual_seed(_epoch_seed(self.seed, epoch))  # type: ignore[union-attr]
         return is_frozen
 
-    def _loss(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor, epoch: int) -> Any:
+    def _loss(self, out: torch.Tensor, aux: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+              epoch: int) -> Any:
         cfg = self.cfg
         if self.teacher is not None:
             with torch.no_grad():
@@ -263,6 +266,9 @@ class _Trainer:
                                      label_smoothing=cfg.label_smoothing)
         else:
             loss = F.cross_entropy(out, y, label_smoothing=cfg.label_smoothing)
+        if aux and cfg.aux_loss_weight > 0:
+            loss = loss + cfg.aux_loss_weight * sum(
+                F.cross_entropy(a, y, label_smoothing=cfg.label_smoothing) for a in aux)
         if not torch.isfinite(loss):
             raise StageError(f"the training loss became {float(loss)} at step "
                              f"{self.state.step + 1} (epoch {epoch + 1})", key="lr",
@@ -279,8 +285,8 @@ class _Trainer:
             if cfg.max_steps is not None and st.step >= cfg.max_steps:
                 break
             x, y = x.to(self.device), torch.as_tensor(y).to(self.device)
-            out = self.net(x)
-            loss = self._loss(out, x, y, epoch)
+            out, aux = split_outputs(self.net(x))
+            loss = self._loss(out, aux, x, y, epoch)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip is not None:
@@ -359,7 +365,7 @@ class _Trainer:
     def finish(self, t0: float) -> TrainResult:
         st, model = self.state, self.model
         if st.best_state is not None:
-            model.load_state_dict(st.best_state)
+            model.load_state_dict(versioned_state(st.best_state, model))
         for p in model.parameters():
             p.requires_grad_(True)
         model.eval()

@@ -138,9 +138,20 @@ def _report(status: str = "failed") -> dict:
             "reference": {"name": "torch", "diversity": {}}, "artifacts": ENTRIES, "gates": rows,
             "gate_failures": failure_lines(rows), "recommended": {"onnxruntime": "onnx-fp32"},
             "baseline": None, "stages": [{"name": "train", "type": "finetune",
-                                          "wall_time_s": 3.0}],
+                                          "wall_time_s": 3.0}, _quantize_stage()],
             "curves": {"train": [{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.5}]},
             "bundle": None}
+
+
+def _quantize_stage() -> dict:
+    per = {"samples": 32, "layers": 21, "matched_by": "name", "median_sqnr_db": 24.1,
+           "min_sqnr_db": 7.98, "worst": [
+               {"layer": "/conv3/Conv", "op": "Conv", "sqnr_db": 7.98, "cosine": 0.92425,
+                "quantized": True}],
+           "kept_in_float": [{"layer": "/fc/Gemm", "logits_error_when_only_it_is_int8": 0.0123,
+                              "sqnr_db_when_int8": 9.5}]}
+    return {"name": "quantize", "type": "quantize", "wall_time_s": 9.0,
+            "per_layer": {"onnxruntime": per}}
 
 
 def test_reports_render_and_rerender_identically(tmp_path: Path) -> None:
@@ -157,6 +168,11 @@ def test_reports_render_and_rerender_identically(tmp_path: Path) -> None:
     for pid in ("tradeoff", "latency", "per-class", "curves", "stages"):
         assert f'id="plot-{pid}"' in html
     assert not re.search(r'(src|href)="(https?:)?//', html)  # self-contained: nothing fetched
+    # per-layer int8 error: the worst layers and why the budget kept a layer in float
+    for text in (html, md):
+        assert "Per-layer int8 error" in text and "quantize: onnxruntime, 21 layers" in text
+        assert "/conv3/Conv" in text and "7.98" in text
+        assert "kept in float (int8: 9.5 dB, logits error alone 0.0123)" in text
     again = render_from(paths["report"], tmp_path / "b")
     for key in ("report-md", "junit", "report-html"):
         assert again[key].read_bytes() == paths[key].read_bytes(), key
