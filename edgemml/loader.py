@@ -16,19 +16,21 @@ from pydantic import BaseModel, ValidationError
 
 from edgemml import stages as stage_registry
 from edgemml.config import (
-    _SHARED_MERGE_KEYS,
-    ErrorContext,
     LoadedPipeline,
     ModelConfig,
     PipelineConfig,
     StageConfig,
+    canonical_arch,
+    known_architectures,
+    stage_name,
+)
+from edgemml.yamlfile import (
+    _SHARED_MERGE_KEYS,
+    ErrorContext,
     _deep_merge,
     _did_you_mean,
     apply_overrides,
-    canonical_arch,
-    known_architectures,
     parse_yaml,
-    stage_name,
 )
 from edgemml.errors import ConfigError, InputError
 from edgemml.yamlsafe import read_yaml_text

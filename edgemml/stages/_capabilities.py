@@ -80,7 +80,7 @@ def _available_mb() -> float | None:
 
 
 def _line(pipeline: LoadedPipeline, index: int) -> int | None:
-    from edgemml.config import parse_yaml
+    from edgemml.yamlfile import parse_yaml
 
     try:
         _, lines = parse_yaml(pipeline.path.read_text(encoding="utf-8"), str(pipeline.path))

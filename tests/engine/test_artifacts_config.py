@@ -14,7 +14,7 @@ from edgemml.artifacts import (
     verify_output,
     write_text_atomic,
 )
-from edgemml.config import apply_overrides, parse_yaml
+from edgemml.yamlfile import apply_overrides, parse_yaml
 from edgemml.loader import load_pipeline
 from edgemml.errors import ArtifactError, ConfigError
 from edgemml.fingerprint import explain_change
