@@ -2,6 +2,10 @@
 
 Exit codes (documented in README.md): 0 success, 1 a validation gate failed, 2 user error (config,
 missing file, bad input), 3 internal error, 130 interrupted.
+
+Over the ~400-line guide on purpose: twelve commands, each a thin shell (options, one library call,
+printing) sharing two consoles and one error handler; split by command, every part would import
+those from a third module and the list of commands would no longer be read in one place.
 """
 
 from __future__ import annotations
