@@ -11,23 +11,34 @@ it, because packages such as the runtime registry load their modules by name.
 from __future__ import annotations
 
 import ast
-import importlib.util
+import sys
 from functools import lru_cache
 from pathlib import Path
 
 ROOT = "edgemml"
 
 
+#: the folder of the edgemml package (its modules are found there, on disk)
+_ROOT_DIR = Path(__file__).resolve().parent
+
+
 @lru_cache(maxsize=None)
 def module_file(name: str) -> Path | None:
-    """The source file of a module (a package's __init__.py), found without importing it."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
+    """The source file of an edgemml module (a package's __init__.py), found on disk without
+    importing anything: importlib's find_spec("edgemml.data.files") would import edgemml.data, and
+    a cached run would pay for torch just to hash its own code. A module outside edgemml: its file
+when it is already imported (a plugin stage's), else None."""
+    parts = name.split(".")
+    if parts[0] != ROOT:  # a plugin stage's module: already imported (its class is registered)
+        origin = getattr(sys.modules.get(name), "__file__", None)
+        return Path(origin) if origin and origin.endswith(".py") else None
+    if not all(p.isidentifier() for p in parts):
         return None
-    if spec is None or spec.origin is None or not spec.origin.endswith(".py"):
-        return None
-    return Path(spec.origin)
+    base = _ROOT_DIR.joinpath(*parts[1:])
+    for path in (base / "__init__.py", base.with_suffix(".py") if len(parts) > 1 else None):
+        if path is not None and path.is_file():
+            return path
+    return None
 
 
 def is_package(name: str) -> bool:

@@ -161,11 +161,38 @@ TORCHVISION_PREFIX = "torchvision/"
 
 
 def known_architectures() -> list[str]:
-    """Every torchvision classification builder as `torchvision/<name>`, sorted."""
+    """Every torchvision classification builder as `torchvision/<name>`, sorted.
+
+    Listing them imports torchvision (2.5 s of the quickstart's ~4.5 s cached re-run, measured), and
+    every pipeline load checks its architectures, so the list is kept per torchvision version in the
+    user's cache folder (machine.cache_dir). An unreadable, foreign or unwritable cache is ignored:
+    the list is then taken from torchvision itself."""
+    import json
+
+    from edgemml.artifacts import write_json_atomic
+    from edgemml.machine import cache_dir, dist_version
+
+    version = dist_version("torchvision")
+    path = cache_dir() / f"torchvision-models-{re.sub(r'[^A-Za-z0-9.+_-]', '_', str(version))}.json"
+    try:
+        with open(path, "rb") as fh:
+            names = json.loads(fh.read(1 << 20))
+        if isinstance(names, list) and names and all(
+                isinstance(n, str) and n.startswith(TORCHVISION_PREFIX) for n in names):
+            return names
+    except (OSError, ValueError):
+        pass
     import torchvision
 
-    return [TORCHVISION_PREFIX + n
-            for n in sorted(torchvision.models.list_models(module=torchvision.models))]
+    names = [TORCHVISION_PREFIX + n
+             for n in sorted(torchvision.models.list_models(module=torchvision.models))]
+    if version is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, names)
+        except OSError:
+            pass
+    return names
 
 
 def canonical_arch(arch: str) -> str:

@@ -56,6 +56,20 @@ def cpu() -> CpuInfo:
     return read_cpuinfo()
 
 
+#: where edgemml keeps what it measured or listed once per machine (roofline, torchvision's models)
+CACHE_ENV = "EDGEMML_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """$EDGEMML_CACHE_DIR, else $XDG_CACHE_HOME/edgemml, else ~/.cache/edgemml."""
+    import os
+
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "edgemml"
+
+
 def dist_version(name: str) -> str | None:
     try:
         return metadata.version(name)

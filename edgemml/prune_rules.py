@@ -26,7 +26,7 @@ trials). Each rule below names the cause it fixes (measured with torch 2.14.1 / 
   (traced in eval mode they are absent, and recovery training then fails on a channel mismatch).
 
 Architectures refused for pruning (swin, maxvit) are refused before anything runs, by
-edgemml.models.capabilities; they have no rule here.
+edgemml.arch_capabilities; they have no rule here.
 """
 
 from __future__ import annotations

@@ -28,10 +28,9 @@ import numpy as np
 
 from edgemml.artifacts import canonical_json, read_json, write_json_atomic
 from edgemml.errors import InputError
-from edgemml.machine import cpu, dist_version
+from edgemml.machine import CACHE_ENV, cache_dir, cpu, dist_version
 
 #: environment variable that moves edgemml's cache folder (tests point it at a temporary folder)
-CACHE_ENV = "EDGEMML_CACHE_DIR"
 #: environment variable that sets the matrix size validate measures (tests use a small one)
 SIZE_ENV = "EDGEMML_ROOFLINE_SIZE"
 SCHEMA = "edgemml.roofline"
@@ -43,14 +42,6 @@ DEFAULT_SIZE = 1024
 
 class RooflineMismatch(InputError):
     """A roofline measured on another CPU, with other kernels or at another thread count."""
-
-
-def cache_dir() -> Path:
-    """$EDGEMML_CACHE_DIR, else $XDG_CACHE_HOME/edgemml, else ~/.cache/edgemml."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "edgemml"
 
 
 def machine_key(threads: int) -> dict[str, Any]:

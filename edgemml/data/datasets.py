@@ -7,7 +7,6 @@ bundle runs the very same `preprocess_image`, what training saw is what deployme
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -25,8 +24,8 @@ from edgemml.data.sources import (
     is_builtin,
     load_image_folder,
     load_source,
-    source_files,
 )
+from edgemml.data.files import _resolve, _split_path, data_files
 from edgemml.errors import InputError
 from edgemml.paths import list_files
 
@@ -220,20 +219,6 @@ def stratified_sample(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve(path: str | Path, base_dir: Path) -> Path:
-    p = Path(os.path.expanduser(str(path)))
-    return p if p.is_absolute() else base_dir / p
-
-
-def _split_path(value: Path, cfg: DataConfig, base_dir: Path) -> Path:
-    """A `splits:` path: relative to the pipeline folder, or else to the source folder."""
-    direct = _resolve(value, base_dir)
-    if direct.exists() or value.is_absolute() or is_builtin(cfg.source):
-        return direct
-    under_source = _resolve(cfg.source, base_dir) / value
-    return under_source if under_source.exists() else direct
-
-
 def _dataset(raw: RawData, idx: np.ndarray | None, spec: dict[str, Any], name: str) -> ImageDataset:
     ds = ImageDataset(raw.images, raw.labels, raw.classes, spec, files=raw.files, name=name)
     return ds if idx is None else ds.subset(idx, name)
@@ -374,20 +359,6 @@ def as_arrays(dataset: Any, indices: Sequence[int] | np.ndarray | None = None) -
     if not xs:
         return np.zeros((0,), np.float32), np.zeros((0,), np.int64)
     return np.stack(xs), np.asarray(ys, dtype=np.int64)
-
-
-def data_files(cfg: DataConfig, base_dir: Path) -> list[Path]:
-    """The files whose bytes define the data (cache fingerprints); empty for built-in sources."""
-    base_dir = Path(base_dir)
-    paths: list[Path] = []
-    if cfg.splits:
-        for value in cfg.splits.values():
-            paths += source_files(_split_path(value, cfg, base_dir))
-    elif not is_builtin(cfg.source):
-        paths += source_files(_resolve(cfg.source, base_dir))
-    if cfg.calibration is not None:
-        paths += source_files(_resolve(cfg.calibration, base_dir))
-    return sorted(set(paths))
 
 
 __all__ = ["DataSplits", "ImageDataset", "as_arrays", "data_files", "evenly_spaced", "load_calibration_folder", "load_data",

@@ -2,7 +2,7 @@
 
 The runner calls `check_pipeline` when it plans a run, so `edgemml check` and `edgemml run` both
 exit 2 with one line naming the stage, the architecture and why (from the measured capability table
-in edgemml.models.capabilities), instead of failing after minutes of training. The model is
+in edgemml.arch_capabilities), instead of failing after minutes of training. The model is
 followed through the pipeline: a stage with its own `model:` (finetune) or `target:` (migrate)
 builds that architecture at the stage's input size; a `load` stage reads the folder's model.json;
 every other stage works on its input stage's model. Each stage type says what it does with its
@@ -96,7 +96,7 @@ def check_pipeline(plan: list[tuple[str, StageConfig, type[Stage], str | None]],
 
     `plan`: (stage name, config, stage class, input stage name) in order.
     """
-    from edgemml.models.capabilities import refusals
+    from edgemml.arch_capabilities import refusals
 
     models: dict[str, _Model | None] = {}
     available = None

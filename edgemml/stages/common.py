@@ -69,7 +69,7 @@ def check_channels(pre: PreprocessConfig, in_chans: int) -> None:
 
 def stage_data_files(config: StageConfig, pipeline: LoadedPipeline) -> list[Path]:
     """Data files of the stage's data section (for Stage.data_files)."""
-    from edgemml.data import data_files
+    from edgemml.data.files import data_files
 
     cfg = data_config(config, pipeline, required=False)
     return data_files(cfg, pipeline.base_dir) if cfg is not None else []

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from edgemml.models import known_architectures
-from edgemml.models.capabilities import PARAMS_M, family_of, refusals
+from edgemml.arch_capabilities import PARAMS_M, family_of, refusals
 
 ALL = ("build", "train", "prune", "quantize", "export")
 

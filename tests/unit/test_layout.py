@@ -25,7 +25,7 @@ LAYERS = {
     "errors": 0,
     "config": 1, "artifacts": 1, "machine": 1, "codegraph": 1, "metrics": 1,
     "training_config": 1, "distributed": 1, "sweep": 1, "activation_names": 1,
-    "arch_families": 1, "paths": 1, "yamlsafe": 1, "yamlfile": 1,
+    "arch_families": 1, "arch_capabilities": 1, "paths": 1, "yamlsafe": 1, "yamlfile": 1,
     "models": 2, "data": 2, "training": 2, "pruning": 2, "prune_rules": 2, "prune_guard": 2,
     "quantization": 2, "exporters": 2,
     "runtimes": 2, "report": 2, "evaluation": 2, "robustness": 2, "roofline": 2,

@@ -3,7 +3,7 @@ anything runs (`edgemml check` and `edgemml run` exit 2 naming the architecture,
 instead of failing after minutes of training.
 
 Every row was measured with torch 2.14.1 / torchvision 0.29.1 / torch-pruning 1.6 on this project's
-CPU machine (benchmarks/zoo.py and the investigation behind issue 15):
+CPU machine (the investigation behind issue 15):
 
 * `min_size`: the smallest square input at which the family's smallest member runs in eval and in
   training mode (batch 2). Members of a family share the stem and the downsampling, hence the limit.
