@@ -130,15 +130,23 @@ def tapped_outputs(model: Any, names: list[str], x: np.ndarray, *,
     missing = [n for n in names if n not in ops]
     if missing:
         raise InputError(f"no op named {missing[0]!r} in the OpenVINO model")
-    tags = {}
+    tags, known = {}, {}
     for n in names:
         tag = "edgemml-tap:" + n
-        ops[n].output(0).get_tensor().add_names({tag})
-        tags[n] = tag
+        tensor = ops[n].output(0).get_tensor()
+        tensor.add_names({tag})
+        tags[n], known[n] = tag, set(tensor.get_names())
     model.add_outputs(list(tags.values()))
     compiled, _ = compile(model, threads=None, exact=True)
     request = compiled.create_infer_request()
-    ports = {n: compiled.output(tag) for n, tag in tags.items()}
+    # An op that already is a model output (the logits) keeps that output's names only: the tag
+    # is not found there (measured on mobilenet_v3_small), so the output is matched by any name.
+    ports = {}
+    for n in names:
+        port = next((o for o in compiled.outputs if set(o.get_names()) & known[n]), None)
+        if port is None:
+            raise InputError(f"OpenVINO did not keep the op {n!r} as an output")
+        ports[n] = port
     acc: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for i in range(0, len(x), batch_size):
         res = request.infer([np.ascontiguousarray(x[i:i + batch_size], dtype=np.float32)])

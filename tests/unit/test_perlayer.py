@@ -104,3 +104,25 @@ def test_openvino_per_layer_agrees_on_the_worst_layer(quantized, tmp_path: Path)
     convs = [r for r in res.layers if r.op == "Convolution"]
     assert len(convs) == 3 and all(r.quantized for r in convs)
     assert res.worst(1)[0].sqnr_db < convs[0].sqnr_db - 10
+
+
+def test_tapping_the_op_that_already_is_the_model_output(tmp_path) -> None:
+    """The logits op of an IR is a model output already: OpenVINO keeps that output's names, not the
+    tap's, so the tap was 'not found' and quantize crashed (exit 3) on mobilenet_v3_small."""
+    import numpy as np
+    import openvino as ov
+    import torch
+
+    from edgemml.runtimes.openvino import tapped_outputs
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(2, 1, 8, 8)
+    torch.onnx.export(m, x, tmp_path / "m.onnx", input_names=["x"], output_names=["logits"],
+                      dynamo=False)
+    model = ov.Core().read_model(str(tmp_path / "m.onnx"))
+    names = [op.get_friendly_name() for op in model.get_ordered_ops()
+             if op.get_type_name() in ("Convolution", "MatMul", "Add")]
+    assert "logits" in names
+    out = tapped_outputs(model, names, x.numpy())
+    np.testing.assert_allclose(out["logits"], m(x).detach().numpy(), atol=1e-5)
