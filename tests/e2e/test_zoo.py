@@ -9,6 +9,7 @@ lost the module version), googlenet (aux logits), plus the mobile CNNs of the in
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -53,13 +54,16 @@ def _pipeline(root: Path, arch: str, options: str = "{}") -> Path:
     return path
 
 
+#: CI runs the two that cover most of the issue's failures (shufflenet's pruning crash, googlenet's
+#: aux heads); EDGEMML_TEST_ZOO=all runs the four (mnasnet's module versions and mobilenet_v3's
+#: BatchNorm momentum are also covered by unit tests). Each one is a few minutes on 2 cores.
+ARCHS = [("shufflenet_v2_x0_5", "{}"), ("googlenet", "{}")]
+if os.environ.get("EDGEMML_TEST_ZOO") == "all":
+    ARCHS += [("mobilenet_v3_small", "{bn_momentum: 0.1}"), ("mnasnet0_5", "{}")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,options", [
-    ("mobilenet_v3_small", "{bn_momentum: 0.1}"),
-    ("shufflenet_v2_x0_5", "{}"),
-    ("mnasnet0_5", "{}"),
-    ("googlenet", "{}"),
-])
+@pytest.mark.parametrize("arch,options", ARCHS)
 def test_architecture_runs_the_whole_pipeline(tmp_path: Path, arch: str, options: str) -> None:
     out = tmp_path / "run"
     proc = run_cli("run", str(_pipeline(tmp_path, arch, options)), "--out", str(out), cwd=REPO,
