@@ -16,7 +16,10 @@ REPO = TESTS_DIR.parent
 
 # edgemml's cache (the measured roofline) goes to a folder of this test session, never the user's
 # ~/.cache, and validate's roofline measurement is a small product: CLI subprocesses inherit both.
-os.environ["EDGEMML_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgemml-test-cache-")
+# Only where it is not set yet: CLI subprocesses import this module too (through the test plugin
+# stages), and each would otherwise leave a folder of its own in its TMPDIR.
+if "EDGEMML_CACHE_DIR" not in os.environ:
+    os.environ["EDGEMML_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgemml-test-cache-")
 os.environ.setdefault("EDGEMML_ROOFLINE_SIZE", "256")
 
 
