@@ -73,7 +73,7 @@ class Outcome:
 
     def as_dict(self) -> dict[str, Any]:
         return {"goal_ms": round(self.goal_ms, 5), "threshold_ms": round(self.threshold_ms, 5),
-                "met": self.met, "chosen_ratio": self.chosen.ratio if self.chosen else None,
+                "met": self.met, "chosen_ratio": round(self.chosen.ratio, 5) if self.chosen else None,  # as probes
                 "reason": self.reason,
                 "probes": [p.as_dict() for p in sorted(self.probes, key=lambda p: p.ratio)]}
 

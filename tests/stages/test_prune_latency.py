@@ -201,3 +201,14 @@ def test_search_under_noise_never_chooses_a_candidate_that_missed():
                            max_probes=8)
         assert out.met and out.chosen.latency_ms <= 4.75
         assert len(out.probes) <= 8
+
+
+def test_the_reported_choice_is_one_of_the_reported_probes():
+    """prune.json rounds probe ratios to 5 decimals: the chosen ratio must be rounded alike, or a
+    bisection ratio such as 0.534375 is reported as chosen but listed as 0.53438 (CI found it)."""
+    probe, _ = _fake_probe()
+    out = search_ratio(probe, goal_ms=4.7, anchor_ms=10.0, max_ratio=0.9, margin=0.0,
+                       resolution=0.001, max_probes=12)
+    doc = out.as_dict()
+    assert out.met and len(f"{out.chosen.ratio}") > 7  # more decimals than the report keeps
+    assert doc["chosen_ratio"] in [p["ratio"] for p in doc["probes"]]
