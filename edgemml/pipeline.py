@@ -40,7 +40,7 @@ from edgemml.errors import ArtifactError, ConfigError, EdgemmlError, GateFailed,
 from edgemml.fingerprint import (DataHashCache, explain_change, fingerprint_inputs,
                                  fingerprint_of)
 from edgemml.machine import versions
-from edgemml.runrecords import RunRecords
+from edgemml.runrecords import PlannedStage, RunRecords
 from edgemml.paths import RUN_FORMAT, check_run_dir, list_files, make_run_dir, os_error
 from edgemml.stages import get as get_stage
 from edgemml.stages._capabilities import check_pipeline
@@ -54,20 +54,6 @@ class InternalError(EdgemmlError):
     """A stage crashed on something edgemml should have handled: a bug (exit 3)."""
 
     exit_code = 3
-
-
-@dataclass
-class PlannedStage:
-    index: int
-    name: str
-    config: StageConfig
-    stage_cls: type[Stage]
-    input_name: str | None
-    deps: list[str]
-
-    @property
-    def dir_name(self) -> str:
-        return f"{self.index + 1:02d}-{self.name}"
 
 
 @dataclass

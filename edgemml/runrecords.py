@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,8 +15,8 @@ from edgemml.artifacts import STAGE_RECORD, read_json, verify_output, write_json
 from edgemml.stages.base import StageOutputs
 
 if TYPE_CHECKING:
-    from edgemml.pipeline import PlannedStage
-    from edgemml.stages.base import Reporter
+    from edgemml.config import StageConfig
+    from edgemml.stages.base import Reporter, Stage
 
 #: re-hash every output of a cached stage on every run (measured: the quickstart's cached re-run
 #: stays within its 3 s budget, see README); False would trust an unchanged size and mtime
@@ -29,6 +30,22 @@ def _recorded_stage(folder: Path) -> str | None:
     except (OSError, ValueError):
         return None
     return record.get("stage") if isinstance(record, dict) and "fingerprint" in record else None
+
+
+@dataclass
+class PlannedStage:
+    """One stage of the run's plan: its place, config, class and the stages it reads."""
+
+    index: int
+    name: str
+    config: StageConfig
+    stage_cls: type[Stage]
+    input_name: str | None
+    deps: list[str]
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.index + 1:02d}-{self.name}"
 
 
 class RunRecords:

@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from edgemml.stages.base import StageContext
-    from edgemml.stages.export import ExportConfig
 
 FP32_ONNX = "model.fp32.onnx"
 FP16_ONNX = "model.fp16.onnx"
@@ -59,9 +58,10 @@ def _ov_parity(name: str, folder: Path, x: np.ndarray, ref: np.ndarray,
     return checks
 
 
-def convert(ctx: StageContext, config: ExportConfig, model: Any, x: np.ndarray,
+def convert(ctx: StageContext, config: Any, model: Any, x: np.ndarray,
              ref: np.ndarray) -> tuple[dict[str, dict[str, Any]], Any]:
-    """fp32 ONNX (and fp16 ONNX, OpenVINO IR), each checked against torch on x."""
+    """fp32 ONNX (and fp16 ONNX, OpenVINO IR), each checked against torch on x. `config` is the
+    export stage's ExportConfig (not imported here: stages/export.py imports this module)."""
     import torch
 
     from edgemml.exporters.onnx import (check_onnx, convert_fp16, export_onnx, io_signature,
