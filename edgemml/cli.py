@@ -91,7 +91,7 @@ def run_command(pipeline: Path, overrides: tuple[str, ...], out_dir: Path | None
                 from_stage: str | None, only_stage: str | None, quiet: bool,
                 log_json: bool, verify: bool) -> None:
     """Run PIPELINE, skipping stages whose inputs and config did not change."""
-    from edgemml.loader import load_pipeline
+    from edgemml.pipeline.loader import load_pipeline
     from edgemml.pipeline import Runner
     from edgemml.progress import JsonReporter, QuietReporter, RichReporter
 
@@ -154,7 +154,7 @@ def _highlights(outcomes: list[Any]) -> list[str]:
 def check_command(pipeline: Path, overrides: tuple[str, ...], out_dir: Path | None,
                   verify: bool) -> None:
     """Validate PIPELINE and print which stages would run and which are cached."""
-    from edgemml.loader import load_pipeline
+    from edgemml.pipeline.loader import load_pipeline
     from edgemml.pipeline import Runner
     from edgemml.progress import QuietReporter
 
@@ -176,7 +176,7 @@ def check_command(pipeline: Path, overrides: tuple[str, ...], out_dir: Path | No
               help="Write to this file instead of stdout.")
 def schema_command(output: Path | None) -> None:
     """Print the JSON Schema of pipeline.yaml (for editor completion and validation)."""
-    from edgemml.schema import pipeline_json_schema
+    from edgemml.pipeline.schema import pipeline_json_schema
 
     text = json.dumps(pipeline_json_schema(), indent=2) + "\n"
     if output:
@@ -190,7 +190,7 @@ def schema_command(output: Path | None) -> None:
 def stages_command(names: tuple[str, ...]) -> None:
     """List the stage types and their options, with defaults and help."""
     from edgemml import stages
-    from edgemml.schema import describe_fields
+    from edgemml.pipeline.schema import describe_fields
 
     wanted = names or tuple(stages.names())
     for name in wanted:
@@ -223,7 +223,7 @@ def validate_command(config_file: Path, overrides: tuple[str, ...], out_dir: Pat
     CONFIG_FILE holds the validate stage's options at the top level (artifacts, reference, bundle,
     gates, baseline, ...) plus optional name, seed, data and preprocess. Exits 1 when a gate fails.
     """
-    from edgemml.loader import load_standalone
+    from edgemml.pipeline.loader import load_standalone
     from edgemml.pipeline import Runner
     from edgemml.progress import JsonReporter, QuietReporter, RichReporter
 

@@ -1,5 +1,5 @@
 """The schema of pipeline.yaml (pydantic v2); the YAML with line numbers and readable errors is
-yamlfile.py, and loader.py validates a file against this schema.
+yamlfile.py, and pipeline/loader.py validates a file against this schema.
 
 Every model forbids unknown keys: a typo must fail, with a did-you-mean, instead of silently doing
 nothing (Olive warns and ignores them). Stage options are validated in a second pass against the config

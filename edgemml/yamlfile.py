@@ -1,7 +1,7 @@
 """The pipeline file as YAML: parsed with a line number for every value (so every error names its
 line), `--set KEY=VALUE` overrides applied with their origin, and the context that turns a pydantic
 error into one line naming the file, the line and a fix. The schema it is checked against is in
-config.py; loader.py puts the two together.
+config.py; pipeline/loader.py puts the two together.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from edgemml.artifacts import (
     write_text_atomic,
 )
 from edgemml.yamlfile import apply_overrides, parse_yaml
-from edgemml.loader import load_pipeline
+from edgemml.pipeline.loader import load_pipeline
 from edgemml.errors import ArtifactError, ConfigError
-from edgemml.fingerprint import explain_change
+from edgemml.pipeline.fingerprint import explain_change
 
 
 def test_atomic_write_leaves_old_file_when_writer_crashes(tmp_path: Path):

@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import run_cli, write
 from edgemml.config import ModelConfig
-from edgemml.loader import load_pipeline
+from edgemml.pipeline.loader import load_pipeline
 from edgemml.errors import StageError
 from edgemml.models import build_model, load_model
 from edgemml.models.transfer import (

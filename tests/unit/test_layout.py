@@ -31,7 +31,7 @@ LAYERS = {
     "runtimes": 2, "report": 2, "evaluation": 2, "robustness": 2, "roofline": 2,
     "latency_search": 2,
     "stages": 3,
-    "pipeline": 4, "fingerprint": 4, "runrecords": 4, "loader": 4, "schema": 4, "progress": 4,
+    "pipeline": 4, "progress": 4,  # pipeline/: loader, runner, fingerprint, runrecords, schema
     "cli": 5,
 }
 

@@ -37,10 +37,10 @@ from edgemml.artifacts import (
 )
 from edgemml.config import LoadedPipeline, StageConfig, stage_name
 from edgemml.errors import ArtifactError, ConfigError, EdgemmlError, GateFailed, StageError
-from edgemml.fingerprint import (DataHashCache, explain_change, fingerprint_inputs,
+from edgemml.pipeline.fingerprint import (DataHashCache, explain_change, fingerprint_inputs,
                                  fingerprint_of)
 from edgemml.machine import versions
-from edgemml.runrecords import PlannedStage, RunRecords
+from edgemml.pipeline.runrecords import PlannedStage, RunRecords
 from edgemml.paths import RUN_FORMAT, check_run_dir, list_files, make_run_dir, os_error
 from edgemml.stages import get as get_stage
 from edgemml.stages._capabilities import check_pipeline

@@ -18,7 +18,7 @@ from edgemml.paths import list_files, os_error
 
 if TYPE_CHECKING:
     from edgemml.config import LoadedPipeline
-    from edgemml.runrecords import PlannedStage
+    from edgemml.pipeline.runrecords import PlannedStage
     from edgemml.stages.base import Stage, StageOutputs
 
 
