@@ -108,7 +108,7 @@ def resolve_pipeline(run_dir: Path, given: Path | None) -> tuple[Path, Path]:
 
 
 def dry_plan(pipeline: Path, run_dir: Path) -> list[dict[str, str]]:
-    from edgemml.loader import load_pipeline
+    from edgemml.pipeline.loader import load_pipeline
     from edgemml.pipeline import Runner
     from edgemml.progress import QuietReporter
 
@@ -171,7 +171,7 @@ def main() -> None:
 
     import torch
 
-    from edgemml.loader import load_pipeline
+    from edgemml.pipeline.loader import load_pipeline
     from edgemml.data import load_data
     from edgemml import runtimes
     from edgemml.data.datasets import as_arrays, evenly_spaced
