@@ -86,6 +86,20 @@ class ExportResult:
         d["path"] = self.path.name
         return d
 
+    @classmethod
+    def written(cls, path: Path, target: str, *, int8: bool, example: Any, started: float,
+                **measured: Any) -> "ExportResult":
+        """The result of a file just written: stored precision read back by the target's runtime
+        backend, size from disk, input shape from the example it was traced with."""
+        import time
+
+        from edgemml import runtimes
+
+        return cls(path=path, target=target, precision="int8" if int8 else "fp32",
+                   stored_precision=runtimes.backend(target).stored_precision(path),
+                   size_bytes=path.stat().st_size, input_shape=[int(d) for d in example.shape],
+                   seconds=round(time.perf_counter() - started, 3), **measured)
+
 
 def restore_mode(model: Any) -> Callable[[], None]:
     """Put the model in eval mode for export and return how to undo it."""

@@ -54,8 +54,6 @@ def export_pte(model: Any, example: Any, path: str | Path, *, int8: bool,
     a graph from edgemml.quantization.pt2e.capture, reused across calls of a budget search.
     Raises ConversionError naming the phase, op and module on any failure; `path` is then untouched.
     """
-    from edgemml import runtimes
-
     path = Path(path)
     t0 = time.perf_counter()
     check_example(example, TARGET)
@@ -93,14 +91,10 @@ def export_pte(model: Any, example: Any, path: str | Path, *, int8: bool,
             raise conversion_error(TARGET, phase, failure, graph, model, log_text) from failure
     finally:
         undo()
-    backend = runtimes.backend(TARGET)
-    return ExportResult(path=path, target=TARGET, precision="int8" if int8 else "fp32",
-                        stored_precision=backend.stored_precision(path),
-                        size_bytes=path.stat().st_size,
-                        input_shape=[int(d) for d in example.shape],
-                        seconds=round(time.perf_counter() - t0, 3), calibration_samples=used,
-                        float_modules=list(names), layers=layers, io=io,
-                        not_delegated=not_delegated)
+    return ExportResult.written(path, TARGET, int8=int8, example=example, started=t0,
+                                calibration_samples=used, float_modules=list(names),
+                                layers=layers, io=io,
+                                not_delegated=not_delegated)
 
 
 def _export(module: Any, example: Any) -> Any:

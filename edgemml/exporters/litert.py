@@ -84,8 +84,6 @@ def export_tflite(model: Any, example: Any, path: str | Path, *, int8: bool,
 
     Arguments as edgemml.exporters.executorch.export_pte. Raises ConversionError naming the phase,
     op and module on any failure; `path` is then untouched."""
-    from edgemml import runtimes
-
     path = Path(path)
     t0 = time.perf_counter()
     check_example(example, TARGET)
@@ -125,13 +123,9 @@ def export_tflite(model: Any, example: Any, path: str | Path, *, int8: bool,
                                    model, log.getvalue()) from failure
     finally:
         undo()
-    backend = runtimes.backend(TARGET)
-    return ExportResult(path=path, target=TARGET, precision="int8" if int8 else "fp32",
-                        stored_precision=backend.stored_precision(path),
-                        size_bytes=path.stat().st_size,
-                        input_shape=[int(d) for d in example.shape],
-                        seconds=round(time.perf_counter() - t0, 3), calibration_samples=used,
-                        float_modules=list(names), layers=layers, io=io)
+    return ExportResult.written(path, TARGET, int8=int8, example=example, started=t0,
+                                calibration_samples=used, float_modules=list(names),
+                                layers=layers, io=io)
 
 
 @contextlib.contextmanager

@@ -262,4 +262,4 @@ def open(path: Path, *, threads: int | None, exact: bool = False,
           "not_delegated": sorted(set(info.operators)),
           "xnnpack_datatypes": dict(sorted(info.datatypes.items()))}
     return Runner(name=name or path.name, backend=NAME, threads=want, precision=precision,
-                  fn=run, static_batch=in_shape[0], io=io)
+                  fn=run, static_batch=in_shape[0], io=io, input_shape=tuple(in_shape))

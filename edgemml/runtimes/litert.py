@@ -215,4 +215,5 @@ def open(path: Path, *, threads: int | None, exact: bool = False,
     if out_q:
         io.update(output_scale=out_q[0], output_zero_point=out_q[1])
     return Runner(name=name or path.name, backend=NAME, threads=threads or 0,
-                  precision=info.compute, fn=run, static_batch=static, io=io)
+                  precision=info.compute, fn=run, static_batch=static, io=io,
+                  input_shape=tuple(d if d > 0 else None for d in sig))

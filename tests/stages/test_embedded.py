@@ -164,6 +164,25 @@ def test_hostile_embedded_files_are_input_errors(run: Path, tmp_path: Path) -> N
                 runtimes.open_artifact(bad, threads=1)
 
 
+def test_embedded_files_declare_their_input_shape(run: Path) -> None:
+    """A .pte / .tflite made at 32x32 and validated with another preprocessing is refused up front
+    naming the setting (regression: their runners declared no input shape, so the mismatch only
+    surfaced as the runtime's own error in the middle of the measurement)."""
+    from edgemml import runtimes
+    from edgemml.errors import InputError
+    from edgemml.evaluation import Subject, check_input_shape
+
+    for path in (run / "runs/x/02-quantize/model.int8.pte",
+                 run / "runs/x/02-quantize/model.int8.tflite"):
+        runner = runtimes.open_artifact(path, threads=1)
+        assert runner.input_shape is not None and runner.input_shape[1:] == (1, 32, 32), path
+        subject = Subject(path.name, "x", path.suffix, "int8", "deployed", path)
+        check_input_shape(subject, runner, (1, 32, 32), {"channels": "gray"})
+        with pytest.raises(InputError, match="preprocessing makes") as err:
+            check_input_shape(subject, runner, (1, 48, 48), {"channels": "gray", "size": [48, 48]})
+        assert err.value.key == "preprocess"
+
+
 def test_budget_keeps_modules_in_float_in_the_files(tmp_path: Path) -> None:
     from embedded_models import make_tiny
 
