@@ -6,6 +6,9 @@ stage's work folder lets a re-run after Ctrl-C or a crash resume after the last 
 `torchrun --nproc-per-node N`, every process trains (DDP); rank 0 alone prepares the model, writes
 artifacts and reports, and hands the model to the other ranks through torch.distributed, so ranks on
 other machines never read rank 0's run directory.
+
+A little over the ~400-line guide: the config, with the distillation and freezing options and their
+checks, lives beside the orchestration; the training loop itself is edgemml.training.
 """
 
 from __future__ import annotations

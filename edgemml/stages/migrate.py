@@ -5,6 +5,10 @@ another label set, and its weights may come from several sources fused together.
 adaptation logic lives in edgemml.models.transfer; this stage loads the sources, builds the target,
 re-estimates BatchNorm statistics on the target data, measures zero-shot accuracy and writes
 `migration.json` + `migration.md`: for every target tensor its source or "initialised".
+
+The file is a little over the ~400-line guide because it keeps the config (with its checks that
+`edgemml check` runs) next to the orchestration; mapping, fusion, growth and the report tables are
+in edgemml.models.transfer, _grow.py, _migrate_sources.py and _migrate_report.py.
 """
 
 from __future__ import annotations
@@ -235,6 +239,10 @@ class Migrate(Stage[MigrateConfig]):
     # --------------------------------------------------------------------------------------------
 
     def run(self, ctx: StageContext, config: MigrateConfig) -> dict[str, Path]:
+        """The stage's order, read top to bottom: map every source onto the target, fuse, grow,
+        measure the function match, refuse low coverage (after writing the tables that explain
+        it), re-estimate BatchNorm, measure again, save. Kept as one function (~85 lines) because
+        the report written on refusal and on success is the same closure over these locals."""
         import torch
 
         from edgemml.models import ModelSpec
