@@ -109,7 +109,8 @@ class QuantizeConfig(StageConfig):
         "vs fp32; beyond it the most sensitive layers stay in float. None: no budget.")
     max_float_layers: int | None = Field(
         None, ge=1, description="At most this many layers may stay in float for the budget "
-        "(default: no limit).")
+        "(ONNX Runtime, ExecuTorch, LiteRT); for OpenVINO, NNCF's accuracy-restorer iterations, "
+        "each of which may revert several layers that share a quantizer (default: no limit).")
     sensitivity_samples: int = Field(64, ge=1, description="Val samples used to rank layer "
                                      "sensitivity (ONNX Runtime).")
     qat: QatOptions | None = Field(
@@ -297,8 +298,11 @@ def _check_budget(ctx: StageContext, config: QuantizeConfig, report: dict[str, A
         f"{backend} int8 misses the accuracy budget: {_pct(res.final.top1_pct)} vs fp32 "
         f"{_pct(report['fp32']['top1_pct'])} on {report['val_samples']} val samples (drop "
         f"{res.final.drop_pp:.2f} pp > max_accuracy_drop {config.max_accuracy_drop:g} pp) with "
-        f"{len(kept)} layer(s) kept in float"
-        + (f" (max_float_layers={cap})" if cap is not None else "")
+        f"{len(kept)} weighted layer(s) running in float"
+        + (f" (max_float_layers={cap}" + (": NNCF's restorer iterations, each may revert "
+                                          "several layers, and NNCF leaves some layers in float "
+                                          "by design)" if backend == "openvino" else ")")
+           if cap is not None else "")
         + (f": {', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''}" if kept else "")
         + _qat_note(report[backend].get("qat")),
         key="max_accuracy_drop",

@@ -169,7 +169,7 @@ def test_impossible_budget_fails_cleanly_with_figures(tmp_path, models):
     assert proc.returncode == 2, _explain(proc)
     assert "Traceback" not in proc.stderr
     assert "misses the accuracy budget" in proc.stderr
-    assert "max_float_layers=1" in proc.stderr and "1 layer(s) kept in float" in proc.stderr
+    assert "max_float_layers=1)" in proc.stderr and "1 weighted layer(s) running in float" in proc.stderr
     assert not (tmp_path / "runs/q/02-quantize").exists()
     partial = json.loads((tmp_path / "runs/q/.02-quantize.partial/quantize.json").read_text())
     trial = partial["onnxruntime"]["search"]["trials"]
