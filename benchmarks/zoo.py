@@ -118,6 +118,13 @@ def _cli(*args: str, threads: int) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+def _error_line(output: str) -> str:
+    """edgemml's one-line error (and its hint), not the progress bars printed before it."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("error:")), None)
+    return " ".join(lines[start:start + 2] if start is not None else lines[-3:])[:600]
+
+
 def _refusal(stderr: str) -> str:
     """The refusal's own line(s) from `edgemml check`'s exit-2 message."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
@@ -148,7 +155,7 @@ def measure(arch: str, a: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     if proc.returncode not in (0, 1):  # 1: a validation gate failed; every report is written
         return {"arch": arch, "status": f"exit {proc.returncode}", "exit": proc.returncode,
-                "reason": (proc.stdout[-400:] + proc.stderr[-1200:]).strip(),
+                "reason": _error_line(proc.stdout + proc.stderr),
                 "wall_seconds": round(seconds, 1), "run_dir": str(out)}
     return {"arch": arch, "status": "ok", "exit": proc.returncode, "int8_path": int8,
             "budget_missed": missed, **read_run(out),
@@ -260,6 +267,23 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def render(rows: list[dict[str, Any]], a: argparse.Namespace, info: dict[str, Any]) -> str:
+    """zoo.md: the settings, the table, the targets as measured, the machine."""
+    test_n = next((r["test_n"] for r in rows if "test_n" in r), "?")
+    return "\n".join([
+        "# The architectures edge users ship (benchmarks/zoo.py)", "",
+        f"scikit-learn digits, grayscale 32x32 (test n={test_n}); trained from scratch "
+        f"{a.train_steps} steps unless ARCHS says otherwise (AdamW, cosine, batch 32, augment); "
+        f"prune 0.5 MACs + {a.recover_steps} steps of distilled recovery; int8 within 0.5 pp "
+        f"(val) with at most 4 layers kept in float, else QAT (200 steps), else plain int8 "
+        f"(column 'int8 made by'); validate {a.threads} threads, batch 1. Δ pp: against the "
+        f"model one column left (int8 against the pruned fp32). Speed-ups at 32x32 (per-call "
+        f"overhead dominates: see the docstring).", "",
+        markdown(rows), "", *[f"- {t}" for t in targets(rows)], "",
+        f"Measured on {info['cpu']} ({info['cpu_count']} cores), {info['date']}; "
+        f"{load_note(info)}."])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--archs", default=",".join(ARCHS))
@@ -294,19 +318,9 @@ def main() -> None:
                                           if "wall_seconds" in r else ""), flush=True)
         info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
         ordered = [rows[k] for k in dict.fromkeys([*ARCHS, *QUICK, *rows]) if k in rows]
-        md = ["# The architectures edge users ship (benchmarks/zoo.py)", "",
-              f"scikit-learn digits, grayscale 32x32 (test n={ordered[0].get('test_n', '?')}); "
-              f"trained from scratch {a.train_steps} steps (AdamW, cosine, batch 32, augment); "
-              f"prune 0.5 MACs + {a.recover_steps} steps of distilled recovery; int8 within "
-              f"0.5 pp (val) with at most 4 layers kept in float, else QAT (200 steps), else "
-              f"plain int8 (column 'int8 made by'); validate {a.threads} threads, "
-              f"batch 1. Δ pp: against the model one column left (int8 against the pruned fp32). "
-              f"Speed-ups at 32x32 (per-call overhead dominates: see the docstring).", "",
-              markdown(ordered), "", *[f"- {t}" for t in targets(ordered)], "",
-              f"Measured on {info['cpu']} ({info['cpu_count']} cores), {info['date']}; "
-              f"{load_note(info)}."]
         js, mdp = write_results(stem, {"machine": info, "settings": {
-            k: str(v) for k, v in vars(a).items()}, "rows": ordered}, "\n".join(md), a.results)
+            k: str(v) for k, v in vars(a).items()}, "rows": ordered}, render(ordered, a, info),
+            a.results)
     print(f"wrote {js} and {mdp}")
 
 
