@@ -220,7 +220,7 @@ def _int8_cells(r: dict[str, Any], backend: str) -> list[str]:
     x = r["int8"].get(backend)
     if x is None:
         return ["✗", "", ""]
-    kept = f" ({len(x['float_layers'])} layers in float)" if x["float_layers"] else ""
+    kept = f" ({len(x['float_layers'])} in float)" if x["float_layers"] else ""
     return [f"{x['top1_pct']:.2f} ({-x['drop_pp']:+.2f}){kept}", _f(x["agreement"] * 100, 1),
             f"{x['speedup_vs_torch_eager']:.1f}×"]
 
