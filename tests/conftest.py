@@ -42,6 +42,16 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
                           env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def interruptible() -> None:
+    """preexec_fn of a child the test will Ctrl-C: SIGINT back to its default. A shell that starts
+    a job in the background without job control (`bash -c '...' &`, as a CI harness may) makes it
+    ignore SIGINT, the children inherit that through exec, and Python then never raises
+    KeyboardInterrupt: the Ctrl-C tests failed that way when CI was started in the background."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(text).lstrip())

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, read_calls, run_cli, write
+from conftest import cli_env, interruptible, read_calls, run_cli, write
 from test_cli_engine import PIPELINE, _explain, _start_and_kill_during
 
 
@@ -339,7 +339,8 @@ def test_ctrl_c_says_how_to_resume(project):
     env = dict(env, EDGEMML_TEST_STARTED=str(started))
     proc = subprocess.Popen([sys.executable, "-m", "edgemml.cli", "run", "pipeline.yaml",
                              "--set", "stages.double.sleep_s=60"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     deadline = time.time() + 60
     while not started.exists():
         assert proc.poll() is None and time.time() < deadline, proc.communicate()

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import cli_env, run_cli, write
+from conftest import cli_env, interruptible, run_cli, write
 from edgemml.config import DataConfig, PreprocessConfig
 from edgemml.data import DataSplits, load_data
 from edgemml.training import (
@@ -364,7 +364,7 @@ def test_ctrl_c_keeps_the_best_weights_and_a_rerun_resumes(tmp_path):
     last = partial / "checkpoint/last.pt"
     proc = subprocess.Popen([sys.executable, "-m", "edgemml.cli", "run", "pipeline.yaml"],
                             cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     deadline = time.time() + 120
     while not last.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
