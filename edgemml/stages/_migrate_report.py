@@ -17,7 +17,10 @@ if TYPE_CHECKING:
 
     from edgemml.config import ModelConfig
     from edgemml.models.transfer import Fused, SourceMap
-    from edgemml.stages.migrate import MigrateConfig
+
+# stages/migrate.py imports this module, so its config is not imported back, not even for
+# type checking (no import cycle): annotations name it through this alias.
+MigrateConfig = Any
 
 
 def allowed_init(patterns: list[str], params: list[str], head: str) -> set[str]:

@@ -22,7 +22,11 @@ if TYPE_CHECKING:
     from edgemml.models.transfer import SourceMap
     from edgemml.stages._grow import Growth
     from edgemml.stages.base import StageContext
-    from edgemml.stages.migrate import MigrateConfig, SourceConfig
+
+# stages/migrate.py imports this module, so its config is not imported back, not even for
+# type checking (no import cycle): annotations name it through this alias.
+MigrateConfig = Any
+SourceConfig = Any
 
 TORCHVISION_REF = "torchvision:"
 

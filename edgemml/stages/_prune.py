@@ -20,7 +20,10 @@ if TYPE_CHECKING:
     from torch import nn
 
     from edgemml.stages.base import StageContext
-    from edgemml.stages.prune import PruneConfig
+
+# stages/prune.py imports this module, so its config is not imported back, not even for
+# type checking (no import cycle): annotations name it through this alias.
+PruneConfig = Any
 
 
 def _pct(value: float | None) -> str:

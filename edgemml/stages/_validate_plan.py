@@ -21,7 +21,10 @@ from edgemml.evaluation import Subject
 
 if TYPE_CHECKING:
     from edgemml.stages.base import StageContext
-    from edgemml.stages.validate import ValidateConfig
+
+# stages/validate.py imports this module, so its config is not imported back, not even for
+# type checking (no import cycle): annotations name it through this alias.
+ValidateConfig = Any
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

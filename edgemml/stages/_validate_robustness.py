@@ -33,7 +33,10 @@ if TYPE_CHECKING:
     from edgemml.evaluation import Subject
     from edgemml.stages._validate_plan import Plan
     from edgemml.stages.base import StageContext
-    from edgemml.stages.validate import ValidateConfig
+
+# stages/validate.py imports this module, so its config is not imported back, not even for
+# type checking (no import cycle): annotations name it through this alias.
+ValidateConfig = Any
 
 _FRACTION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(\d+(?:\.\d+)?)\s*$")
 #: GateLimits fields that read the robustness figures (they need the block)

@@ -1,7 +1,7 @@
 """The layout rules of edgemml/ (see README, "How the code is laid out"), checked from the source.
 
-- No import cycles between edgemml modules (imports that run; annotations-only imports under
-  `if TYPE_CHECKING:` do not execute).
+- No import cycles between edgemml modules, counting annotations-only imports under
+  `if TYPE_CHECKING:` (a private helper names its stage's config through an `Any` alias).
 - Every arrow points down: a module imports only modules of its own layer or below, so libraries
   never import the stage layer, and nothing below the runner imports the runner or the CLI.
 - One runtime layer: nothing outside edgemml/runtimes creates an ONNX Runtime session, compiles an
@@ -61,8 +61,9 @@ def test_no_upward_imports() -> None:
 
 
 def test_no_import_cycles() -> None:
-    # imports under `if TYPE_CHECKING:` never run, so they cannot take part in an import cycle
-    graph = {m: set(imports_of(m, explicit=True, typing=False)) for m in MODULES}
+    # imports under `if TYPE_CHECKING:` count too: they never run, but a type checker and a
+    # reader follow them, and the design rule is "no cycles", not "no cycles at run time"
+    graph = {m: set(imports_of(m, explicit=True, typing=True)) for m in MODULES}
     cycles: list[str] = []
     state: dict[str, int] = {}  # 1 = on the stack, 2 = done
 
