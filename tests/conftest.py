@@ -42,6 +42,22 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
                           env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
 
 
+def need_tool(*names: str, install: str) -> str:
+    """The path of the first of `names` on PATH. Without it a developer's run skips the test, but
+    CI (CI set, as .ci/run does, which installs the tools) fails it: there the test must be able
+    to fail, never pass silently by skipping."""
+    import shutil
+
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    message = f"{names[0]} is not installed ({install})"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}: CI must run this test")
+    pytest.skip(message)
+
+
 def interruptible() -> None:
     """preexec_fn of a child the test will Ctrl-C: SIGINT back to its default. A shell that starts
     a job in the background without job control (`bash -c '...' &`, as a CI harness may) makes it

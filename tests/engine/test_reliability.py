@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, interruptible, read_calls, run_cli, write
+from conftest import cli_env, interruptible, need_tool, read_calls, run_cli, write
 from test_cli_engine import PIPELINE, _explain, _start_and_kill_during
 
 
@@ -284,11 +284,8 @@ def _as_user(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Compl
     """Run without root's powers (root writes into read-only folders anyway): as `nobody`
     through util-linux's setpriv when this is root."""
     if os.getuid() == 0:
-        if shutil.which("setpriv") is None:
-            if os.environ.get("CI"):
-                pytest.fail("setpriv (util-linux) is missing: CI must run this test")
-            pytest.skip("running as root without setpriv: cannot drop privileges")
-        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        setpriv = need_tool("setpriv", install="util-linux; needed to drop root's privileges")
+        cmd = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 

@@ -7,7 +7,6 @@ its run directory and re-runs only what its `--set` changes (the earlier stages 
 
 from __future__ import annotations
 
-import os
 
 import json
 import shutil
@@ -18,7 +17,7 @@ from xml.etree import ElementTree as ET
 import numpy as np
 import pytest
 
-from conftest import run_cli, write
+from conftest import need_tool, run_cli, write
 
 PIPELINE = """
 name: vt
@@ -211,12 +210,7 @@ def test_near_constant_model_does_not_pass_parity(base: Path) -> None:
 
 
 def test_report_html_opens_in_headless_chromium(base: Path, tmp_path: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        # .ci/run installs it: in CI a missing browser is a failure, not a skip
-        if os.environ.get("CI"):
-            pytest.fail("chromium is not installed: .ci/run should have installed it")
-        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    chromium = need_tool("chromium", "chromium-browser", install="apt-get install -y chromium")
     html = base / "runs/vt/03-validate/report.html"
     flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking", "--disable-component-update",
