@@ -63,9 +63,11 @@ ARCHS: dict[str, dict[str, Any]] = {
     "mobilenet_v2": {}, "mobilenet_v3_small": {"options": {"bn_momentum": 0.1}},
     "mobilenet_v3_large": {"options": {"bn_momentum": 0.1}},
     "efficientnet_b0": {"options": {"dropout": 0.0, "stochastic_depth_prob": 0.0}, "lr": 0.003},
-    "squeezenet1_1": {"lr": 0.0005, "steps": 3000, "recover_steps": 3000}, "shufflenet_v2_x1_0": {},
+    "squeezenet1_1": {"lr": 0.0005, "steps": 3000, "recover_steps": 3000},
+    "shufflenet_v2_x1_0": {},
     "mnasnet0_5": {"options": {"bn_momentum": 0.1}, "steps": 2000, "recover_steps": 2000},
-    "regnet_x_400mf": {"steps": 2000, "recover_steps": 2000}, "regnet_y_400mf": {}, "googlenet": {}, "densenet121": {},
+    "regnet_x_400mf": {"steps": 2000, "recover_steps": 2000}, "regnet_y_400mf": {},
+    "googlenet": {}, "densenet121": {},
     "convnext_tiny": {"lr": 0.0005}, "vit_b_16": {"options": {"image_size": 32}, "lr": 0.0003},
     "swin_t": {},
 }
@@ -96,6 +98,7 @@ def steps(arch: str, a: argparse.Namespace) -> dict[str, int]:
 def pipeline(arch: str, a: argparse.Namespace, int8: str = "ptq") -> dict[str, Any]:
     spec = ARCHS.get(arch, {"options": QUICK_OPTIONS.get(arch, {})})
     train = {"epochs": 1000, "batch_size": 32, "optimizer": "adamw", "schedule": "cosine"}
+    n = steps(arch, a)
     return {
         "name": f"zoo-{arch}", "seed": a.seed,
         "preprocess": {"size": [32, 32], "channels": "gray", "mean": [0.5], "std": [0.5]},
@@ -104,11 +107,11 @@ def pipeline(arch: str, a: argparse.Namespace, int8: str = "ptq") -> dict[str, A
         "stages": [
             {"name": "train", "type": "finetune",
              "model": {"arch": f"torchvision/{arch}", "options": spec.get("options", {})},
-             "max_steps": steps(arch, a)["train"],
+             "max_steps": n["train"],
              "lr": spec.get("lr", 0.002), "warmup_epochs": 1,
              "augment": {"translate": 0.1, "rotation": 10}, **train},
             {"name": "prune", "type": "prune", "target_macs": 0.5,
-             "recover": {"max_steps": steps(arch, a)["recover"], "lr": spec.get("lr", 0.002) / 2,
+             "recover": {"max_steps": n["recover"], "lr": spec.get("lr", 0.002) / 2,
                          "warmup_epochs": 0.5, **train},
              "latency": None},
             {"name": "quantize", "type": "quantize", **INT8_PATHS[int8],

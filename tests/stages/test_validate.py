@@ -7,7 +7,6 @@ its run directory and re-runs only what its `--set` changes (the earlier stages 
 
 from __future__ import annotations
 
-
 import json
 import shutil
 import subprocess
