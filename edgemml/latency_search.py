@@ -44,6 +44,7 @@ class Probe:
     top1_pct: float | None = None   # val top-1 after BatchNorm re-estimation, before recovery
     meets: bool = False
     seconds: float = 0.0     # conversion + timing (+ accuracy) wall time
+    foreign_load: float | None = None  # CPU share other processes used while it was timed
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -87,3 +87,62 @@ def environment(threads: int) -> dict[str, Any]:
     return {"threads": threads, "machine": info.machine, "processor": info.name,
             "cpu_flags": info.kernel_flags, "python": platform.python_version(),
             "versions": versions()}
+
+
+def busy_cpu_seconds(stat: Path = Path("/proc/stat")) -> float | None:
+    """CPU-seconds every CPU of the machine spent busy since boot (user, nice, system, irq,
+    softirq and steal: time a hypervisor gave to other guests is lost to us too); None where
+    /proc/stat does not exist."""
+    import os
+
+    try:
+        with open(stat, encoding="ascii", errors="replace") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    try:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    except ValueError:
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class ForeignLoad:
+    """How much of the machine's CPU *other* processes used while a block ran.
+
+    Why not the load average: it counts this process's own threads (a stage that just trained with
+    two threads shows a load of 2 on an idle machine) and lags by a minute. This meter takes the
+    whole machine's busy CPU time (/proc/stat) over the block minus this process's own CPU time, as
+    a fraction of the CPUs x wall time: 0 on a quiet machine, 0.5 when other processes kept half
+    the cores busy. `fraction` is None where /proc/stat is missing (not Linux).
+
+        with ForeignLoad() as load:
+            ...timed work...
+        load.fraction
+    """
+
+    def __init__(self) -> None:
+        self.fraction: float | None = None
+
+    def __enter__(self) -> "ForeignLoad":
+        import os
+        import time
+
+        self._busy = busy_cpu_seconds()
+        self._own = sum(os.times()[:2])
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import os
+        import time
+
+        busy = busy_cpu_seconds()
+        wall = time.perf_counter() - self._wall
+        if busy is None or self._busy is None or wall <= 0:
+            return
+        own = sum(os.times()[:2]) - self._own
+        other = max(0.0, (busy - self._busy) - own)
+        self.fraction = min(1.0, other / (wall * (os.cpu_count() or 1)))

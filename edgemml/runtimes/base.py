@@ -10,7 +10,8 @@ with AVX-512 BF16 unless told otherwise, which matters for parity).
 Why one timer: validate, prune's latency figure and the benchmarks used to time models three ways
 (sequentially, in interleaved rounds, with and without pauses between blocks) and disagreed. Every
 latency figure now comes from `time_calls`: the calls are timed in interleaved rounds so that load
-from other processes hits every variant alike, and each block starts with one untimed call.
+from other processes hits every variant alike, each block starts after a short pause (so no runtime
+is timed in the wake of another's threads) and one untimed call.
 """
 
 from __future__ import annotations
@@ -77,18 +78,28 @@ class Timing:
         return asdict(self)
 
 
+#: pause before each block of timed calls, so the previous call's runtime threads go idle first.
+#: Measured here (benchmarks/timers.py, "after another runtime"): OpenVINO int8 timed right after a
+#: block of ONNX Runtime ran 1.8x slower than alone, still 1.74x after a 15 ms pause and 1.07x after
+#: 30 ms; other pairs were within 1.1x. A deployed model runs alone in its process, so no block may
+#: start in another runtime's wake.
+SETTLE_S = 0.05
+
+
 def time_calls(calls: dict[str, Callable[[], Any]], *, warmup: int, runs: int,
-               rounds: int = 1) -> dict[str, Timing]:
+               rounds: int = 1, settle_s: float = SETTLE_S) -> dict[str, Timing]:
     """Time zero-argument calls in interleaved rounds: the one timer of edgemml.
 
     Every call gets `warmup` untimed calls first; then in each of `rounds` rounds every call (in an
     order rotated by one each round) runs one untimed call and its share of `runs` timed calls.
-    Interleaving makes ratios between the calls robust to load from other processes. There is no
-    pause between blocks: a pause lets a runtime's worker threads go to sleep, which is not how a
-    model serving back-to-back requests runs.
+    Interleaving makes ratios between the calls robust to load from other processes. Each call's
+    warm-up and each block starts after a `settle_s` pause (SETTLE_S: another runtime's threads
+    slow the next one for tens of ms); the block's untimed call then wakes this runtime's own
+    threads, so the timed calls run hot, as a model serving back-to-back requests does.
     """
     names = list(calls)
     for name in names:
+        time.sleep(settle_s)
         for _ in range(warmup):
             calls[name]()
     rounds = max(1, min(rounds, runs))
@@ -98,8 +109,8 @@ def time_calls(calls: dict[str, Callable[[], Any]], *, warmup: int, runs: int,
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             fn = calls[name]
-            if rounds > 1:
-                fn()
+            time.sleep(settle_s)
+            fn()
             for _ in range(per_round[r]):
                 t0 = time.perf_counter_ns()
                 fn()

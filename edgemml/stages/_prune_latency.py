@@ -53,6 +53,10 @@ class LatencySearch:
         self.outcome: Outcome | None = None
         self.final: dict[str, Any] | None = None
         self.loadavg = [round(v, 2) for v in os.getloadavg()]
+        #: other processes' CPU share during each timing, the baseline's, and what that caused
+        self.loads: list[float] = []
+        self.baseline_load: float | None = None
+        self.warnings: list[str] = []
         self.count = 0
         #: ratios torch-pruning could not apply (the search's upper end moves below them)
         self.skipped: list[dict[str, Any]] = []
@@ -72,13 +76,54 @@ class LatencySearch:
                                                          name=name)
         return runtimes.open_artifact(path, threads=self.cfg.threads, name=name)
 
-    def _time(self, runners: dict[str, Any], scale: int = 1) -> dict[str, Any]:
+    def _time(self, runners: dict[str, Any], scale: int = 1) -> tuple[dict[str, Any], float | None]:
+        """Medians of the runners, interleaved, and the CPU share other processes used meanwhile."""
         from edgemml import runtimes
+        from edgemml.machine import ForeignLoad
 
         x = self.x
-        return runtimes.time_calls({k: (lambda r=r: r(x)) for k, r in runners.items()},
-                                   warmup=self.cfg.warmup, runs=self.cfg.runs * scale,
-                                   rounds=self.cfg.rounds * scale)
+        with ForeignLoad() as load:
+            timed = runtimes.time_calls({k: (lambda r=r: r(x)) for k, r in runners.items()},
+                                        warmup=self.cfg.warmup, runs=self.cfg.runs * scale,
+                                        rounds=self.cfg.rounds * scale)
+        frac = None if load.fraction is None else round(load.fraction, 3)
+        if frac is not None:
+            self.loads.append(frac)
+        return timed, frac
+
+    # ---- a busy machine ----------------------------------------------------------------------
+
+    def _wait_quiet(self, deadline: float) -> float | None:
+        """Sample other processes' CPU share for a second at a time until it is within
+        max_foreign_load or the deadline passes; the last sample."""
+        from edgemml.machine import ForeignLoad
+
+        limit, told = self.cfg.max_foreign_load, False
+        while True:
+            with ForeignLoad() as load:
+                time.sleep(1.0)
+            if load.fraction is None or limit is None or load.fraction <= limit:
+                return load.fraction
+            if time.monotonic() >= deadline:
+                return load.fraction
+            if not told:
+                told = True
+                self.job.ctx.log(f"the machine is busy (other processes use {load.fraction:.0%} "
+                                 f"of the CPUs): waiting up to {self.cfg.busy_wait_s:g} s before "
+                                 f"timing the baseline")
+
+    def _busy(self, frac: float, what: str) -> None:
+        """A timing ran under more foreign load than allowed: warn, or fail (on_busy: fail)."""
+        msg = (f"other processes used {frac:.0%} of the CPUs while {what} was timed (more than "
+               f"latency_target.max_foreign_load {self.cfg.max_foreign_load:g}): under load torch "
+               f"fp32 slows more than int8 runtimes, so the measured speed-ups are biased")
+        if self.cfg.on_busy == "fail":
+            raise StageError(msg, stage=self.job.ctx.name, key="latency_target.on_busy",
+                             hint="run on a quiet machine (or raise max_foreign_load, or set "
+                                  "on_busy: warn to accept the bias)")
+        if msg not in self.warnings:
+            self.warnings.append(msg)
+            self.job.ctx.warn(msg)
 
     def _calibrate(self) -> None:
         """The anchor's latency (and torch's), timed together at the start, and the goal in ms."""
@@ -91,7 +136,17 @@ class LatencySearch:
         if over_torch or self.cfg.artifact != "torch":
             runners["torch"] = runtimes.backend("torch").open_module(
                 job.original, threads=self.cfg.threads, name="torch")
-        timed = self._time(runners, scale=2)
+        limit = self.cfg.max_foreign_load
+        deadline = time.monotonic() + self.cfg.busy_wait_s
+        while True:
+            if limit is not None and self.cfg.busy_wait_s > 0:
+                self._wait_quiet(deadline)
+            timed, self.baseline_load = self._time(runners, scale=2)
+            if limit is None or self.baseline_load is None or self.baseline_load <= limit:
+                break
+            if time.monotonic() >= deadline:
+                self._busy(self.baseline_load, "the baseline")
+                break
         self.anchor_ms = timed["anchor"].median_ms
         self.torch_ms = timed["torch"].median_ms if "torch" in timed else self.anchor_ms
         if self.goal_kind == "ms":
@@ -154,7 +209,7 @@ class LatencySearch:
             self.count += 1
             name = f"probe-{self.count}"
             runner = self._open(cand, name)
-            timed = self._time({"anchor": self.anchor, "candidate": runner})
+            timed, load = self._time({"anchor": self.anchor, "candidate": runner})
             del runner
             gc.collect()
             shutil.rmtree(self.work / name, ignore_errors=True)
@@ -162,7 +217,7 @@ class LatencySearch:
             p = Probe(ratio, size.macs, size.params, size.macs / job.size0.macs, sig,
                       rel * self.anchor_ms, timed["candidate"].median_ms,
                       timed["anchor"].median_ms, timed["candidate"].runs,
-                      top1_pct=self._top1(cand))
+                      top1_pct=self._top1(cand), foreign_load=load)
             self.by_signature[sig] = p
         p.seconds = time.perf_counter() - t0
         self.models[ratio] = cand
@@ -253,7 +308,7 @@ class LatencySearch:
             with job.ctx.progress("latency target: the recovered model", None):
                 runner = self._open(job.model, "final")
                 runners = {"anchor": self.anchor, "final": runner}
-                timed = self._time(runners, scale=2)
+                timed, load = self._time(runners, scale=2)
         finally:
             torch.set_num_threads(saved)
         rel = timed["final"].median_ms / timed["anchor"].median_ms
@@ -264,7 +319,7 @@ class LatencySearch:
             "anchor_run_ms": round(timed["anchor"].median_ms, 5),
             "speedup_over_torch": round(self.torch_ms / latency, 3),
             "speedup_over_input": round(self.anchor_ms / latency, 3),
-            "meets_goal": latency <= self.goal_ms,
+            "meets_goal": latency <= self.goal_ms, "foreign_load": load,
             "top1_pct_before_recovery": last.get("top1_pct_after_pruning"),
             "top1_pct_after_recovery": last.get("top1_pct_after_recovery")}
         shutil.rmtree(self.work, ignore_errors=True)
@@ -281,6 +336,11 @@ class LatencySearch:
         env = environment(cfg.threads)
         env["loadavg_start"] = self.loadavg
         env["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+        env["foreign_load"] = {"max_allowed": cfg.max_foreign_load,
+                               "baseline": self.baseline_load,
+                               "max": max(self.loads) if self.loads else None,
+                               "what": "share of the machine's CPU time other processes used "
+                                       "while edgemml timed (from /proc/stat)"}
         out = self.outcome
         return {
             "goal": {"kind": self.goal_kind, "value": self.goal_value,
@@ -297,6 +357,7 @@ class LatencySearch:
             "search": out.as_dict() if out is not None else None,
             "ratios_torch_pruning_could_not_apply": self.skipped,
             "final": self.final,
+            "warnings": self.warnings,
         }
 
 

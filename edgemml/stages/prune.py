@@ -71,6 +71,16 @@ class LatencyTargetConfig(StrictModel):
     exporter: Literal["auto", "dynamo", "torchscript"] = Field(
         "auto", description="ONNX exporter of the candidates (auto: as the quantize stage).")
     opset: int = Field(18, ge=11, le=23, description="ONNX opset of the candidates.")
+    max_foreign_load: float | None = Field(
+        0.25, ge=0, le=1, description="At most this fraction of the machine's CPUs may be used by "
+        "other processes while the baseline (the unpruned model, and torch) is timed: under load "
+        "torch fp32 slows about twice as much as int8 runtimes, so a speed-up measured then is "
+        "biased (a 12x target became ~6x). null: do not check.")
+    busy_wait_s: float = Field(60, ge=0, description="Wait up to this long for a busy machine to "
+                               "quiet down before timing the baseline.")
+    on_busy: Literal["warn", "fail"] = Field(
+        "warn", description="When the machine stays busy: warn (in the log and prune.json) or "
+        "fail (exit 2; for CI jobs that must not ship a ratio measured under load).")
 
 
 class PruneConfig(StageConfig):

@@ -48,6 +48,7 @@ stages:
       resolution: 0.1
       max_probes: 5
       accuracy: false
+      busy_wait_s: 0
 """
 
 
@@ -103,6 +104,8 @@ def test_latency_target_meets_a_budget_relative_to_the_unpruned_artifact(tmp_pat
     assert [p["macs"] for p in by_ratio] == sorted((p["macs"] for p in by_ratio), reverse=True)
     assert report["achieved"]["macs"] == pytest.approx(chosen["fraction"], abs=1e-4)
     assert lt["final"]["latency_ms"] > 0 and lt["final"]["speedup_over_input"] > 1
+    load = lt["machine"]["foreign_load"]
+    assert load["max_allowed"] == 0.25 and 0 <= load["baseline"] <= 1 and 0 <= load["max"] <= 1
     record = json.loads((stage / "stage.json").read_text())["metrics"]
     assert record["latency_target_probes"] == len(probes)
     assert not (stage / "latency-probes").exists()
@@ -132,6 +135,61 @@ def test_unreachable_latency_target_exits_2_with_the_closest(tmp_path, model_dir
     partial = next((tmp_path / "runs/latprune").glob(".*prune.partial"))
     doc = json.loads((partial / "latency-search.json").read_text())
     assert doc["search"]["met"] is False and doc["search"]["probes"][0]["ratio"] <= 0.8
+
+
+def test_baseline_timed_on_a_busy_machine_fails_when_asked(tmp_path, model_dir):
+    """Other processes keep the CPUs busy while the baseline is timed: with on_busy: fail the stage
+    exits 2 naming the share they used (a speed-up measured under load is biased: torch slows
+    more than int8 runtimes); the default (warn) would go on and record the warning."""
+    import subprocess
+    import sys
+
+    cpus = os.cpu_count() or 1
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(min(cpus, 16))]
+    try:
+        limit = round(0.5 * len(hogs) / cpus, 3)
+        proc = _run(tmp_path, model_dir, "stages.prune.target_speedup=1.4",
+                    "stages.prune.latency_target.on_busy=fail",
+                    f"stages.prune.latency_target.max_foreign_load={limit}")
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "other processes used" in proc.stderr and "the baseline was timed" in proc.stderr
+    assert "on_busy" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_foreign_load_counts_other_processes_not_this_one(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from edgemml.machine import ForeignLoad, busy_cpu_seconds
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 20 30 1000 5 6 7 8 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
+    assert busy_cpu_seconds(stat) == pytest.approx((100 + 20 + 30 + 6 + 7 + 8)
+                                                   / os.sysconf("SC_CLK_TCK"))
+    stat.write_text("garbage")
+    assert busy_cpu_seconds(stat) is None and busy_cpu_seconds(tmp_path / "none") is None
+    if busy_cpu_seconds() is None:
+        pytest.skip("no /proc/stat")
+    cpus = os.cpu_count() or 1
+    with ForeignLoad() as own:            # this process busy: not foreign
+        end = time.perf_counter() + 1.0
+        while time.perf_counter() < end:
+            pass
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with ForeignLoad() as other:      # another process busy on one CPU
+            time.sleep(1.0)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert other.fraction is not None and other.fraction >= 0.7 / cpus, other.fraction
+    assert own.fraction is not None and own.fraction < other.fraction
 
 
 def test_config_rejects_two_targets_and_torch_over_torch(tmp_path):
