@@ -177,9 +177,11 @@ def render_md(r: dict[str, Any]) -> str:
                   f"than the unpruned torch fp32 model here ({'meets' if c['meets_budget'] else 'MISSES'}"
                   f" the budget), {c['vs_reference_pp']:+.2f} pp test top-1 "
                   f"({c['top1_pct']:.2f}% vs {r['reference']['top1_pct']:.2f}%)."]
-    peaks = ", ".join(f"{p['runtime']} {p['precision']} {p['gmacs_per_s']:.0f}"
+    peaks = ", ".join(f"{p['runtime']} {p.get('kernel', 'matmul')} {p['precision']} "
+                      f"{p['gmacs_per_s']:.0f}"
                       for p in r["roofline"]["peaks"])
-    lines += ["", f"Peak GMAC/s measured here ({r['roofline']['size']}^3 MatMul, fastest call): "
+    lines += ["", f"Peak GMAC/s measured here (a {r['roofline']['size']}^3 product as a MatMul and "
+              f"as a 1x1 Conv, fastest call; runtime kernel precision): "
               f"{peaks}.", "", f"Total benchmark time: {r['seconds']:.0f} s.", ""]
     return "\n".join(lines)
 

@@ -6,11 +6,15 @@ method alike), the batch-1 median of one OpenVINO IR by:
 
 - validate:        edgemml.runtimes.measure_latency (the IR alone: warm-up, then timed calls);
 - compare.py:      edgemml.runtimes.time_calls, interleaved in rounds with the other variants
-                   compare.py times (ONNX Runtime int8 and torch fp32 of the same model), no pause;
+                   compare.py times (ONNX Runtime int8 and torch fp32 of the same model);
 - old compare.py:  the same interleaving with the 20 ms sleep before every block that the
-                   benchmarks used before the runtime layer (reimplemented here, only to measure it);
+                   benchmarks used before the runtime layer (reimplemented here, only to measure it;
+                   edgemml's timer now pauses 50 ms, see "after another runtime");
 - benchmark_app:   OpenVINO's tool (sync API, one stream, the same thread count, -hint none as its
                    UI requires for -nstreams/-nthreads; PERFORMANCE_HINT reads LATENCY anyway).
+
+"After another runtime" then times each model right after a block of another, with pauses of 0 to
+60 ms between them: why edgemml's timer pauses before every block.
 
 Usage:  .venv/bin/python benchmarks/timers.py --make            # a 224x224 resnet18 pruned to ~0.5
         .venv/bin/python benchmarks/timers.py --ir RUN/NN-quantize/openvino-int8 --onnx ... --torch ...
@@ -59,23 +63,38 @@ def old_interleaved(calls: dict[str, Callable[[], Any]], *, warmup: int, repeats
     return {n: float(np.median(t)) for n, t in times.items()}
 
 
-def pause_effect(call: Callable[[], Any], *, blocks: int, block: int,
-                 pause_s: float = OLD_PAUSE_S) -> dict[str, list[float]]:
-    """Median ms of the k-th timed call of a block, for blocks that start after a `pause_s` sleep
-    and for blocks that do not, alternating (each block starts with one untimed call, as both
-    timers do): shows whether a pause slows the calls after it, and for how long."""
-    times: dict[str, list[list[float]]] = {"pause": [[] for _ in range(block)],
-                                           "no_pause": [[] for _ in range(block)]}
-    for i in range(2 * blocks):
-        kind = "pause" if i % 2 else "no_pause"
-        if kind == "pause":
-            time.sleep(pause_s)
-        call()
-        for k in range(block):
-            t0 = time.perf_counter_ns()
-            call()
-            times[kind][k].append((time.perf_counter_ns() - t0) / 1e6)
-    return {kind: [round(float(np.median(ts)), 4) for ts in per] for kind, per in times.items()}
+AFTER_PAUSES_MS = (0, 5, 15, 30, 60)
+
+
+def interference(calls: dict[str, Callable[[], Any]], *, reps: int, block: int = 4,
+                 pauses_ms: tuple[int, ...] = AFTER_PAUSES_MS) -> dict[str, Any]:
+    """Each call timed right after another call's block, with a pause of 0..60 ms between them,
+    relative to the call timed after its own block: does one runtime's wake slow the next, and
+    for how long? Cells are shuffled and repeated `reps` times so drift hits all alike; each cell
+    is 3 calls of the previous one, the pause, one untimed call, then `block` timed calls."""
+    import random
+
+    names = list(calls)
+    cells = [(p, c, ms) for p in names for c in names for ms in pauses_ms
+             if p != c or ms == 0]
+    times: dict[tuple[str, str, int], list[float]] = {k: [] for k in cells}
+    rng = random.Random(0)
+    for _ in range(reps):
+        rng.shuffle(cells)
+        for prev, cur, ms in cells:
+            for _ in range(3):
+                calls[prev]()
+            time.sleep(ms / 1000)
+            calls[cur]()
+            for _ in range(block):
+                t0 = time.perf_counter_ns()
+                calls[cur]()
+                times[(prev, cur, ms)].append((time.perf_counter_ns() - t0) / 1e6)
+    alone = {c: float(np.median(times[(c, c, 0)])) for c in names}
+    return {"pauses_ms": list(pauses_ms), "alone_ms": {c: round(v, 4) for c, v in alone.items()},
+            "after": {cur: {prev: [round(float(np.median(times[(prev, cur, ms)])) / alone[cur], 3)
+                                   for ms in pauses_ms] for prev in names if prev != cur}
+                      for cur in names}}
 
 
 def benchmark_app(xml: Path, *, threads: int, shape: list[int], seconds: int) -> float:
@@ -136,8 +155,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--app-seconds", type=int, default=15)
     ap.add_argument("--stem", default="timers")
-    ap.add_argument("--pause-blocks", type=int, default=60,
-                    help="blocks per kind in the pause-effect measurement (0: skip it)")
+    ap.add_argument("--interference-reps", type=int, default=16,
+                    help="repetitions of the after-another-runtime measurement (0: skip it)")
     args = ap.parse_args()
 
     import torch
@@ -189,20 +208,17 @@ def main() -> None:
               f"compare.py {row['compare_now']:.3f}, old compare.py (20 ms pauses) "
               f"{row['compare_old_pause']:.3f}, benchmark_app {row['benchmark_app']:.3f}",
               flush=True)
-    pause = None
-    if args.pause_blocks:
-        print("pause effect: blocks of 6 timed calls with and without a 20 ms sleep before",
+    after = None
+    if args.interference_reps and others:
+        print("after another runtime: each timed right after another's block, 0-60 ms pauses",
               flush=True)
-        pause = {"ov-int8": pause_effect(lambda: ov(x), blocks=args.pause_blocks, block=6)}
-        if "ort-int8" in others:
-            r = others["ort-int8"]
-            pause["ort-int8"] = pause_effect(lambda: r(x), blocks=args.pause_blocks, block=6)
+        after = interference(calls, reps=args.interference_reps)
     info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
     summary = {k: round(statistics.median(r[f"{k}_vs_app"] for r in reps), 3)
                for k in ("validate", "compare_now", "compare_old_pause")}
     result = {"benchmark": "timers", "machine": info, "ir": str(args.ir), "made": args.make,
               "shape": shape, "threads": t, "runs": args.runs, "rounds": args.rounds,
-              "interleaved_with": list(others), "repetitions": reps, "pause_effect": pause,
+              "interleaved_with": list(others), "repetitions": reps, "after_another": after,
               "median_ratio_to_benchmark_app": summary}
     md = render_md(result)
     js, mdp = write_results(args.stem, result, md)
@@ -225,20 +241,24 @@ def render_md(r: dict[str, Any]) -> str:
                      f"{rep['compare_old_pause']:.3f} ({rep['compare_old_pause_vs_app']:.2f}x)",
                      f"{rep['benchmark_app']:.3f}"])
     lines.append(md_table(["rep", "load (1 min)", "validate (measure_latency)",
-                           "compare.py now (interleaved, no pause)",
+                           "compare.py now (interleaved, 50 ms pause per block)",
                            "old compare.py (20 ms pause per block)", "benchmark_app"], rows,
                           "lrrrrr"))
     s = r["median_ratio_to_benchmark_app"]
     lines += ["", f"Median ratio to benchmark_app: validate {s['validate']:.2f}x, compare.py "
               f"{s['compare_now']:.2f}x, old compare.py {s['compare_old_pause']:.2f}x.", ""]
-    for name, kinds in (r.get("pause_effect") or {}).items():
-        lines += [f"Pause effect on {name}: median ms of the k-th timed call of a block (after "
-                  f"one untimed call), blocks alternating with and without a 20 ms sleep before "
-                  f"them:", "",
-                  md_table(["block starts", *[f"call {k + 1}" for k in range(len(kinds['pause']))]],
-                           [["after a 20 ms sleep", *kinds["pause"]],
-                            ["without a pause", *kinds["no_pause"]]],
-                           "l" + "r" * len(kinds["pause"])), ""]
+    after = r.get("after_another")
+    if after:
+        pauses = after["pauses_ms"]
+        lines += ["After another runtime: median latency of each model timed right after a block "
+                  "of another (3 calls), with a pause between them, as a multiple of its latency "
+                  "right after its own block (its ms in brackets). edgemml's timer pauses "
+                  "50 ms before every block (runtimes.SETTLE_S).", ""]
+        rows = [[f"{cur} ({after['alone_ms'][cur]:.3f} ms)", f"after {prev}",
+                 *[f"{v:.2f}x" for v in vals]]
+                for cur, by_prev in after["after"].items() for prev, vals in by_prev.items()]
+        lines += [md_table(["timed", "right after", *[f"{ms} ms pause" for ms in pauses]], rows,
+                           "ll" + "r" * len(pauses)), ""]
     return "\n".join(lines)
 
 

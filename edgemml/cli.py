@@ -357,10 +357,10 @@ def roofline_command(threads: int, size: int | None, repeats: int, force: bool, 
                      as_json: bool) -> None:
     """This machine's peak MAC rate per runtime and precision at THREADS threads.
 
-    Measured once (one large MatMul, fp32 and int8 QDQ, through edgemml's runtime layer) and
-    cached per CPU model, CPU features, library versions and thread count in
-    $EDGEMML_CACHE_DIR, $XDG_CACHE_HOME/edgemml or ~/.cache/edgemml; validate's `% of peak`
-    divides by it.
+    Measured once (one large product as a MatMul and as a 1x1 Conv, fp32 and int8 QDQ, through
+    edgemml's runtime layer) and cached per CPU model, CPU features, library versions and thread
+    count in $EDGEMML_CACHE_DIR, $XDG_CACHE_HOME/edgemml or ~/.cache/edgemml; validate's
+    `% of peak` divides by it.
     """
     from edgemml import roofline
     from edgemml.errors import InputError
@@ -384,15 +384,15 @@ def roofline_command(threads: int, size: int | None, repeats: int, force: bool, 
     if as_json:
         click.echo(roofline.as_json(roof))
         return
-    table = Table(title=f"{roof.key['cpu']}, {threads} thread(s), {roof.size}^3 MatMul, "
+    table = Table(title=f"{roof.key['cpu']}, {threads} thread(s), a {roof.size}^3 product, "
                         f"measured {roof.created} (load {roof.loadavg[:1] or '?'})",
                   title_justify="left")
-    for col in ("runtime", "stored", "runs in", "fastest ms", "median ms", "GMAC/s"):
-        table.add_column(col, justify="left" if col in ("runtime", "stored", "runs in")
+    for col in ("runtime", "kernel", "stored", "runs in", "fastest ms", "median ms", "GMAC/s"):
+        table.add_column(col, justify="left" if col in ("runtime", "kernel", "stored", "runs in")
                          else "right")
     for r in roof.rows:
-        table.add_row(r.runtime, r.dtype, r.precision, f"{r.min_ms:.3f}", f"{r.median_ms:.3f}",
-                      f"{r.gmacs_per_s:.1f}")
+        table.add_row(r.runtime, r.kernel, r.dtype, r.precision, f"{r.min_ms:.3f}",
+                      f"{r.median_ms:.3f}", f"{r.gmacs_per_s:.1f}")
     _out.print(table)
     _out.print(f"cached in {roof.path or path}" + (f"; written to {out_file}" if out_file else ""))
 

@@ -3,9 +3,12 @@
 Why: a latency figure alone does not say whether a model is slow because the hardware is, or because
 the graph runs far below what the hardware can do. The validate report therefore divides each
 artifact's achieved MAC rate by the peak *of the runtime and precision it ran in* (ONNX Runtime
-int8, OpenVINO bf16, torch fp32 ...), measured here as one large matrix product: fp32 MatMul, and int8
-as a QDQ graph (uint8 activations x int8 weights, the form both runtimes lower to their int8
+int8, OpenVINO bf16, torch fp32 ...), measured here as one large matrix product computed two ways,
+as a MatMul and as a 1x1 convolution (the same MACs through the runtime's convolution kernels): fp32,
+and int8 as a QDQ graph (uint8 activations x int8 weights, the form both runtimes lower to their int8
 kernels), opened and timed through edgemml.runtimes like every artifact, at the report's thread count.
+The peak is the faster of the two: OpenVINO's int8 convolutions ran ~1.3x its int8 MatMul here, so
+a MatMul-only peak put a resnet18's convolutions at 123 % of "peak".
 
 A peak is a property of one CPU, one set of kernels (library versions) and one thread count, so the
 cache is keyed by all of them (`cache_dir()/roofline-<key>.json`), and a roofline file measured
@@ -34,7 +37,9 @@ from edgemml.machine import CACHE_ENV, cache_dir, cpu, dist_version
 #: environment variable that sets the matrix size validate measures (tests use a small one)
 SIZE_ENV = "EDGEMML_ROOFLINE_SIZE"
 SCHEMA = "edgemml.roofline"
-VERSION = 2
+VERSION = 3
+#: the kernels the product is computed by (the peak is the fastest)
+KERNELS = ("matmul", "conv1x1")
 #: the libraries whose kernels are measured: their versions are part of the key
 KERNEL_DISTRIBUTIONS = ("onnxruntime", "openvino", "torch")
 DEFAULT_SIZE = 1024
@@ -65,17 +70,40 @@ def cache_path(threads: int) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def matmul_model(m: int, k: int, n: int, int8: bool) -> Any:
-    """ONNX [m,k] x [k,n] with the weight as an initializer; int8 = QDQ around the MatMul."""
+def conv_side(size: int) -> int:
+    """The 1x1 convolution's map is side x side pixels, side^2 ~ size rows of the MatMul."""
+    return max(1, int(round(size ** 0.5)))
+
+
+def input_shape(kernel: str, size: int) -> list[int]:
+    side = conv_side(size)
+    return [size, size] if kernel == "matmul" else [1, size, side, side]
+
+
+def kernel_macs(kernel: str, size: int) -> int:
+    rows = size if kernel == "matmul" else conv_side(size) ** 2
+    return rows * size * size
+
+
+def matmul_model(m: int, k: int, n: int, int8: bool, kernel: str = "matmul") -> Any:
+    """ONNX [m,k] x [k,n] with the weight as an initializer; int8 = QDQ around the MatMul. With
+    kernel="conv1x1" the same product as a Conv: [1,k,s,s] input (s^2 = m), weight [n,k,1,1]."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])
+    op, args = "MatMul", {}
+    x_shape, y_shape = [m, k], [m, n]
+    if kernel == "conv1x1":
+        side = conv_side(m)
+        w = np.ascontiguousarray(w.T.reshape(n, k, 1, 1))
+        op, args = "Conv", {"kernel_shape": [1, 1]}
+        x_shape, y_shape = [1, k, side, side], [1, n, side, side]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)
     if not int8:
-        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+        nodes = [helper.make_node(op, ["x", "w"], ["y"], **args)]
         inits = [numpy_helper.from_array(w, "w")]
     else:
         w_scale = np.float32(np.abs(w).max() / 127)
@@ -91,9 +119,9 @@ def matmul_model(m: int, k: int, n: int, int8: bool) -> Any:
             helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["xq"]),
             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zp"], ["xd"]),
             helper.make_node("DequantizeLinear", ["wq", "w_scale", "w_zp"], ["wd"]),
-            helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+            helper.make_node(op, ["xd", "wd"], ["y"], **args),
         ]
-    graph = helper.make_graph(nodes, "matmul", [x], [y], inits)
+    graph = helper.make_graph(nodes, kernel, [x], [y], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
@@ -110,6 +138,7 @@ class Row:
     min_ms: float    # the fastest call: the rate the hardware attains (load only adds time)
     median_ms: float
     gmacs_per_s: float  # from min_ms
+    kernel: str = "matmul"  # matmul | conv1x1
 
 
 @dataclass
@@ -136,18 +165,22 @@ class Roofline:
 
     def as_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "version": VERSION, "key": self.key, "size": self.size,
-                "macs": self.size ** 3, "created": self.created, "loadavg": self.loadavg,
+                "macs": {k: kernel_macs(k, self.size) for k in KERNELS},
+                "created": self.created, "loadavg": self.loadavg,
                 "rows": [asdict(r) for r in self.rows],
                 "peak_gmacs_per_s": {d: self.best(d) for d in ("fp32", "int8") if self.best(d)},
-                "note": "one [size x size] x [size x size] MatMul per runtime and precision, "
-                        "timed together in interleaved rounds by edgemml.runtimes.time_calls; "
-                        "GMAC/s from the fastest call; int8 is a QDQ MatMul (uint8 activations x "
-                        "int8 weights)"}
+                "note": "one [size x size] x [size x size] product per runtime and precision, "
+                        "as a MatMul and as a 1x1 Conv (peak: the faster), timed together in "
+                        "interleaved rounds by edgemml.runtimes.time_calls; GMAC/s from the "
+                        "fastest call; int8 is a QDQ graph (uint8 activations x int8 weights)"}
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any], path: Path | None = None) -> Roofline:
+        if doc.get("version") != VERSION:
+            raise ValueError(f"written by another edgemml (roofline version {doc.get('version')}, "
+                             f"this one reads {VERSION})")
         rows = [Row(**{k: r[k] for k in ("runtime", "dtype", "precision", "min_ms", "median_ms",
-                                         "gmacs_per_s")}) for r in doc["rows"]]
+                                         "gmacs_per_s", "kernel")}) for r in doc["rows"]]
         return cls(dict(doc["key"]), int(doc["size"]), rows, str(doc.get("created", "")),
                    list(doc.get("loadavg", [])), path)
 
@@ -166,21 +199,24 @@ def _open(runtime: str, path: Path, threads: int, exact: bool) -> Any:
     return backend.runner_for(compiled, precision, threads=threads, name=path.name)
 
 
-def _torch_matmul(size: int, threads: int) -> Any:
-    """A torch module holding one [size x size] weight: fp32 eager, through the runtime layer."""
+def _torch_product(size: int, threads: int, kernel: str) -> Any:
+    """A torch module holding one [size x size] weight (Linear or 1x1 Conv2d): fp32 eager,
+    through the runtime layer."""
     import torch
 
     from edgemml import runtimes
 
-    layer = torch.nn.Linear(size, size, bias=False)
-    return runtimes.backend("torch").open_module(layer, threads=threads, name="matmul")
+    layer = (torch.nn.Linear(size, size, bias=False) if kernel == "matmul"
+             else torch.nn.Conv2d(size, size, 1, bias=False))
+    return runtimes.backend("torch").open_module(layer, threads=threads, name=kernel)
 
 
 def measure(threads: int, *, size: int = DEFAULT_SIZE, repeats: int = 30,
             runtimes_: tuple[str, ...] = ("onnxruntime", "openvino", "torch"),
             log: Callable[[str], None] | None = None) -> Roofline:
-    """Time one [size]^3 MatMul per runtime and precision: ONNX Runtime fp32 and int8, OpenVINO
-    pinned f32, at its default precision (bf16 on CPUs with AVX-512 BF16) and int8, torch fp32.
+    """Time one [size]^3 product, as a MatMul and as a 1x1 Conv, per runtime and precision: ONNX
+    Runtime fp32 and int8, OpenVINO pinned f32, at its default precision (bf16 on CPUs with AVX-512
+    BF16) and int8, torch fp32.
 
     All are timed together by the one timer, in interleaved rounds, so load from other processes
     hits each alike; the peak is each one's fastest call (a peak is what the hardware attains, and
@@ -189,36 +225,41 @@ def measure(threads: int, *, size: int = DEFAULT_SIZE, repeats: int = 30,
 
     from edgemml.runtimes import time_calls
 
-    x = np.random.default_rng(1).standard_normal((size, size)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    xs = {k: rng.standard_normal(input_shape(k, size)).astype(np.float32) for k in KERNELS}
     roof = Roofline(machine_key(threads), size,
                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     loadavg=[round(v, 2) for v in os.getloadavg()])
-    runners: dict[str, tuple[str, Any]] = {}
+    runners: dict[str, tuple[str, str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="edgemml-roofline-") as tmp:
-        for dtype in ("fp32", "int8"):
-            path = Path(tmp) / f"mm_{dtype}.onnx"
-            onnx.save(matmul_model(size, size, size, dtype == "int8"), str(path))
-            modes: list[tuple[str, bool]] = []
-            if "onnxruntime" in runtimes_:
-                modes.append(("onnxruntime", True))
-            if "openvino" in runtimes_:
-                modes += [("openvino", True)] + ([("openvino", False)] if dtype == "fp32" else [])
-            for runtime, exact in modes:
-                runners[f"{runtime}-{dtype}-{'exact' if exact else 'default'}"] = (
-                    dtype, _open(runtime, path, threads, exact))
+        for kernel in KERNELS:
+            for dtype in ("fp32", "int8"):
+                path = Path(tmp) / f"{kernel}_{dtype}.onnx"
+                onnx.save(matmul_model(size, size, size, dtype == "int8", kernel), str(path))
+                modes: list[tuple[str, bool]] = []
+                if "onnxruntime" in runtimes_:
+                    modes.append(("onnxruntime", True))
+                if "openvino" in runtimes_:
+                    modes += [("openvino", True)] + ([("openvino", False)] if dtype == "fp32"
+                                                     else [])
+                for runtime, exact in modes:
+                    name = f"{runtime}-{kernel}-{dtype}-{'exact' if exact else 'default'}"
+                    runners[name] = (kernel, dtype, _open(runtime, path, threads, exact))
     if "torch" in runtimes_:
-        runners["torch-fp32"] = ("fp32", _torch_matmul(size, threads))
-    timed = time_calls({k: (lambda r=r: r(x)) for k, (_, r) in runners.items()}, warmup=3,
-                       runs=repeats, rounds=min(5, repeats))
-    for key, (dtype, runner) in runners.items():
+        for kernel in KERNELS:
+            runners[f"torch-{kernel}-fp32"] = (kernel, "fp32",
+                                               _torch_product(size, threads, kernel))
+    timed = time_calls({k: (lambda r=r, x=xs[kn]: r(x)) for k, (kn, _, r) in runners.items()},
+                       warmup=3, runs=repeats, rounds=min(5, repeats))
+    for key, (kernel, dtype, runner) in runners.items():
         t = timed[key]
         row = Row(runner.backend, dtype, "int8" if dtype == "int8" else runner.precision,
                   round(t.min_ms, 4), round(t.median_ms, 4),
-                  round(size ** 3 / (t.min_ms / 1e3) / 1e9, 2))
+                  round(kernel_macs(kernel, size) / (t.min_ms / 1e3) / 1e9, 2), kernel)
         roof.rows.append(row)
         if log is not None:
-            log(f"{row.runtime:12s} {dtype:5s} runs in {row.precision:5s} {row.min_ms:9.3f} ms "
-                f"(median {row.median_ms:.3f}) {row.gmacs_per_s:9.1f} GMAC/s")
+            log(f"{row.runtime:12s} {kernel:8s} {dtype:5s} runs in {row.precision:5s} "
+                f"{row.min_ms:9.3f} ms (median {row.median_ms:.3f}) {row.gmacs_per_s:9.1f} GMAC/s")
     return roof
 
 

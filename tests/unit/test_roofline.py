@@ -49,6 +49,10 @@ def test_measured_once_then_read_from_the_cache(cache, monkeypatch):
     assert {("onnxruntime", "f32"), ("onnxruntime", "int8"), ("openvino", "f32"),
             ("openvino", "int8"), ("torch", "f32")} <= kinds
     assert all(r.gmacs_per_s > 0 and r.min_ms <= r.median_ms for r in roof.rows)
+    # the product is computed by both the MatMul and the convolution kernels of every runtime
+    for runtime, precision in kinds:
+        assert {r.kernel for r in roof.rows if (r.runtime, r.precision) == (runtime, precision)
+                } == {"matmul", "conv1x1"}
     assert roof.peak("onnxruntime", "int8") == max(
         r.gmacs_per_s for r in roof.rows if r.runtime == "onnxruntime" and r.precision == "int8")
     doc = json.loads(roof.path.read_text())
@@ -88,6 +92,13 @@ def test_unreadable_roofline_file_is_a_user_error(tmp_path):
     bad = tmp_path / "r.json"
     bad.write_text('{"peak_gmacs_per_s": {"int8": 900}}')  # the old benchmark format
     with pytest.raises(InputError, match="roofline"):
+        roofline.load(bad, threads=1)
+    # a file of an older edgemml (MatMul-only peaks) is not read as this version's
+    old = {"schema": roofline.SCHEMA, "version": 2, "key": roofline.machine_key(1), "size": 128,
+           "rows": [{"runtime": "onnxruntime", "dtype": "int8", "precision": "int8",
+                     "min_ms": 1.0, "median_ms": 1.0, "gmacs_per_s": 2.0}]}
+    bad.write_text(json.dumps(old))
+    with pytest.raises(InputError, match="roofline version 2"):
         roofline.load(bad, threads=1)
 
 
