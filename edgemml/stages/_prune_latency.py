@@ -57,6 +57,7 @@ class LatencySearch:
         self.loads: list[float] = []
         self.baseline_load: float | None = None
         self.warnings: list[str] = []
+        self.torch_runner: Any = None
         self.count = 0
         #: ratios torch-pruning could not apply (the search's upper end moves below them)
         self.skipped: list[dict[str, Any]] = []
@@ -148,6 +149,7 @@ class LatencySearch:
                 self._busy(self.baseline_load, "the baseline")
                 break
         self.anchor_ms = timed["anchor"].median_ms
+        self.torch_runner = runners.get("torch")
         self.torch_ms = timed["torch"].median_ms if "torch" in timed else self.anchor_ms
         if self.goal_kind == "ms":
             self.goal_ms = self.goal_value
@@ -308,24 +310,44 @@ class LatencySearch:
             with job.ctx.progress("latency target: the recovered model", None):
                 runner = self._open(job.model, "final")
                 runners = {"anchor": self.anchor, "final": runner}
+                if self.torch_runner is not None:
+                    runners["torch"] = self.torch_runner
                 timed, load = self._time(runners, scale=2)
         finally:
             torch.set_num_threads(saved)
-        rel = timed["final"].median_ms / timed["anchor"].median_ms
-        latency = rel * self.anchor_ms
+        final_ms = timed["final"].median_ms
+        latency = final_ms / timed["anchor"].median_ms * self.anchor_ms
         last = job.steps[-1]
         self.final = {
-            "latency_ms": round(latency, 5), "measured_ms": round(timed["final"].median_ms, 5),
+            "latency_ms": round(latency, 5), "measured_ms": round(final_ms, 5),
             "anchor_run_ms": round(timed["anchor"].median_ms, 5),
             "speedup_over_torch": round(self.torch_ms / latency, 3),
             "speedup_over_input": round(self.anchor_ms / latency, 3),
             "meets_goal": latency <= self.goal_ms, "foreign_load": load,
             "top1_pct_before_recovery": last.get("top1_pct_after_pruning"),
             "top1_pct_after_recovery": last.get("top1_pct_after_recovery")}
+        if "torch" in timed:
+            self._recheck(timed["torch"].median_ms, final_ms)
         shutil.rmtree(self.work, ignore_errors=True)
         if not self.final["meets_goal"]:
             job.ctx.warn(f"the recovered model measured {latency:.3f} ms, over the target "
                          f"{self.goal_ms:.3f} ms (timing noise; raise latency_target.margin)")
+
+    def _recheck(self, torch_now: float, final_now: float) -> None:
+        """The speed-up over torch from this last run alone: the baseline timed at the start can
+        drift (seen here: torch fp32 at 31.3 ms when the stage started, 24.1 ms in validate on the
+        same idle machine), and a speed-up goal is only as honest as its baseline."""
+        same_run = torch_now / final_now
+        self.final.update(torch_fp32_ms_now=round(torch_now, 5),
+                          speedup_over_torch_same_run=round(same_run, 3))
+        if self.goal_kind == "speedup" and self.cfg.speedup_over == "torch" \
+                and same_run < self.goal_value <= self.torch_ms / self.final["latency_ms"]:
+            msg = (f"the baseline moved: torch fp32 took {self.torch_ms:.3f} ms when the search "
+                   f"started and {torch_now:.3f} ms now; timed together now the recovered model "
+                   f"is {same_run:.1f}x faster, under the {self.goal_value:g}x target")
+            self.warnings.append(msg)
+            self.job.ctx.warn(msg + " (raise latency_target.margin, or re-run on a quiet "
+                                    "machine)")
 
     def report(self) -> dict[str, Any]:
         """The `latency_target` section of prune.json: the goal, the machine it was measured on,

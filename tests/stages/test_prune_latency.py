@@ -104,6 +104,9 @@ def test_latency_target_meets_a_budget_relative_to_the_unpruned_artifact(tmp_pat
     assert [p["macs"] for p in by_ratio] == sorted((p["macs"] for p in by_ratio), reverse=True)
     assert report["achieved"]["macs"] == pytest.approx(chosen["fraction"], abs=1e-4)
     assert lt["final"]["latency_ms"] > 0 and lt["final"]["speedup_over_input"] > 1
+    # torch re-timed with the recovered model: the speed-up over it from one run, beside the
+    # one derived from the baseline timed at the start
+    assert lt["final"]["torch_fp32_ms_now"] > 0 and lt["final"]["speedup_over_torch_same_run"] > 0
     load = lt["machine"]["foreign_load"]
     assert load["max_allowed"] == 0.25 and 0 <= load["baseline"] <= 1 and 0 <= load["max"] <= 1
     record = json.loads((stage / "stage.json").read_text())["metrics"]
@@ -270,3 +273,24 @@ def test_the_reported_choice_is_one_of_the_reported_probes():
     doc = out.as_dict()
     assert out.met and len(f"{out.chosen.ratio}") > 7  # more decimals than the report keeps
     assert doc["chosen_ratio"] in [p["ratio"] for p in doc["probes"]]
+
+
+def test_a_drifted_torch_baseline_is_reported_when_the_same_run_misses_the_target():
+    """The search's goal comes from torch timed at the start; at the end torch is timed again with
+    the recovered model. When the two disagree so that the same-run speed-up misses the target
+    that the start's baseline said was met, the stage warns and records it."""
+    from types import SimpleNamespace
+
+    from edgemml.stages._prune_latency import LatencySearch
+
+    warned: list[str] = []
+    fake = SimpleNamespace(goal_kind="speedup", goal_value=12.0, torch_ms=31.3, warnings=[],
+                           cfg=SimpleNamespace(speedup_over="torch"),
+                           final={"latency_ms": 2.2},
+                           job=SimpleNamespace(ctx=SimpleNamespace(warn=warned.append)))
+    LatencySearch._recheck(fake, 24.1, 2.2)           # 31.3 / 2.2 = 14.2x, 24.1 / 2.2 = 11.0x
+    assert fake.final["speedup_over_torch_same_run"] == pytest.approx(10.955, abs=1e-3)
+    assert fake.warnings and "baseline moved" in warned[0] and "11.0x" in warned[0]
+    fake.warnings.clear(), warned.clear()
+    LatencySearch._recheck(fake, 30.0, 2.2)           # 13.6x: still meets it, nothing to say
+    assert not fake.warnings and not warned
