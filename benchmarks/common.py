@@ -66,13 +66,22 @@ def machine_info() -> dict[str, Any]:
 
 
 def load_note(info: dict[str, Any]) -> str:
-    """One line on how busy the machine was (1-minute load average vs cores), for the reports."""
+    """One line on how busy the machine was, for the reports. With `foreign_load` (the share of
+    the CPUs *other* processes used while the benchmark ran, edgemml.machine.ForeignLoad) that
+    share decides; otherwise the 1-minute load average, which also counts the benchmark's own
+    threads (a 2-thread benchmark alone ends at a load of ~2)."""
     start = info.get("loadavg_start", [0])[0]
     end = info.get("loadavg_end", [start])[0]
     cores = info.get("cpu_count") or 1
-    return (f"load average (1 min) {start:.2f} at start, {end:.2f} at end, on {cores} cores"
-            + (" — the machine was busy: absolute times are inflated, compare ratios"
-               if max(start, end) > 0.5 * cores else ""))
+    text = f"load average (1 min) {start:.2f} at start, {end:.2f} at end, on {cores} cores"
+    foreign = info.get("foreign_load")
+    if foreign is not None:
+        text += f"; other processes used {100 * foreign:.0f} % of the CPUs meanwhile"
+        busy = foreign > 0.25
+    else:
+        busy = max(start, end) > 0.5 * cores
+    return text + (" — the machine was busy: absolute times are inflated, compare ratios"
+                   if busy else "")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -54,11 +54,13 @@ def main() -> None:
     import torch
 
     from edgemml import roofline, runtimes
+    from edgemml.machine import ForeignLoad
     from edgemml.data.datasets import as_arrays
     from edgemml.models import load_model
 
     t_start = time.perf_counter()
     info = machine_info()
+    foreign = ForeignLoad().__enter__()  # other processes' CPU share while this runs
     report_path = find_report(args.run_dir)
     report = json.loads(report_path.read_text())
     threads = args.threads or report["settings"]["threads"]
@@ -121,6 +123,8 @@ def main() -> None:
             "pct_of_peak": 100 * rate / peak if rate and peak else None,
             "pct_of_peak_fastest_call": 100 * rate_min / peak if rate_min and peak else None})
     info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    foreign.__exit__(None, None, None)
+    info["foreign_load"] = None if foreign.fraction is None else round(foreign.fraction, 3)
     chosen_row = next((r for r in rows if r["chosen"]), None)
     result = {
         "benchmark": "latency-budget", "machine": info, "run_dir": str(args.run_dir.resolve()),

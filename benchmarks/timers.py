@@ -162,11 +162,13 @@ def main() -> None:
     import torch
 
     from edgemml import runtimes
+    from edgemml.machine import ForeignLoad
     from edgemml.models import load_model
     from edgemml.runtimes.openvino import xml_path
 
     torch.set_num_threads(args.threads)
     info = machine_info()
+    foreign = ForeignLoad().__enter__()  # other processes' CPU share while this runs
     tmp = Path(tempfile.mkdtemp(prefix="edgemml-timers-"))
     module = None
     if args.make:
@@ -214,6 +216,8 @@ def main() -> None:
               flush=True)
         after = interference(calls, reps=args.interference_reps)
     info["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
+    foreign.__exit__(None, None, None)
+    info["foreign_load"] = None if foreign.fraction is None else round(foreign.fraction, 3)
     summary = {k: round(statistics.median(r[f"{k}_vs_app"] for r in reps), 3)
                for k in ("validate", "compare_now", "compare_old_pause")}
     result = {"benchmark": "timers", "machine": info, "ir": str(args.ir), "made": args.make,

@@ -114,7 +114,8 @@ class ForeignLoad:
 
     Why not the load average: it counts this process's own threads (a stage that just trained with
     two threads shows a load of 2 on an idle machine) and lags by a minute. This meter takes the
-    whole machine's busy CPU time (/proc/stat) over the block minus this process's own CPU time, as
+    whole machine's busy CPU time (/proc/stat) over the block minus this process's own CPU time (and
+    its finished children's: benchmark_app, the pruning graph's child process), as
     a fraction of the CPUs x wall time: 0 on a quiet machine, 0.5 when other processes kept half
     the cores busy. `fraction` is None where /proc/stat is missing (not Linux).
 
@@ -131,7 +132,7 @@ class ForeignLoad:
         import time
 
         self._busy = busy_cpu_seconds()
-        self._own = sum(os.times()[:2])
+        self._own = sum(os.times()[:4])
         self._wall = time.perf_counter()
         return self
 
@@ -143,6 +144,6 @@ class ForeignLoad:
         wall = time.perf_counter() - self._wall
         if busy is None or self._busy is None or wall <= 0:
             return
-        own = sum(os.times()[:2]) - self._own
+        own = sum(os.times()[:4]) - self._own
         other = max(0.0, (busy - self._busy) - own)
         self.fraction = min(1.0, other / (wall * (os.cpu_count() or 1)))
