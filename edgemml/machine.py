@@ -114,10 +114,10 @@ class ForeignLoad:
 
     Why not the load average: it counts this process's own threads (a stage that just trained with
     two threads shows a load of 2 on an idle machine) and lags by a minute. This meter takes the
-    whole machine's busy CPU time (/proc/stat) over the block minus this process's own CPU time (and
-    its finished children's: benchmark_app, the pruning graph's child process), as
-    a fraction of the CPUs x wall time: 0 on a quiet machine, 0.5 when other processes kept half
-    the cores busy. `fraction` is None where /proc/stat is missing (not Linux).
+    whole machine's busy CPU time (/proc/stat) over the block minus this process's own CPU time
+    (and its finished children's: benchmark_app, the pruning graph's child process), as a fraction
+    of the CPUs x wall time: 0 on a quiet machine, 0.5 when other processes kept half the cores
+    busy. `fraction` is None where /proc/stat is missing (not Linux).
 
         with ForeignLoad() as load:
             ...timed work...

@@ -4,12 +4,13 @@ Why: a latency figure alone does not say whether a model is slow because the har
 the graph runs far below what the hardware can do. The validate report therefore divides each
 artifact's achieved MAC rate by the peak *of the runtime and precision it ran in* (ONNX Runtime
 int8, OpenVINO bf16, torch fp32 ...), measured here as one large matrix product computed two ways,
-as a MatMul and as a 1x1 convolution (the same MACs through the runtime's convolution kernels): fp32,
-and int8 as a QDQ graph (uint8 activations x int8 weights, the form both runtimes lower to their int8
-kernels), opened and timed through edgemml.runtimes like every artifact, at the report's thread count.
-The peak is the faster of the two: a network runs convolution kernels, and a runtime's convolution
-kernels may beat its MatMul (here only ONNX Runtime fp32's did, by 1.07x). A peak is a measured
-reference, not a bound: a model whose kernels run better than one large product shows over 100 %.
+as a MatMul and as a 1x1 convolution (the same MACs through the runtime's convolution kernels):
+fp32, and int8 as a QDQ graph (uint8 activations x int8 weights, the form both runtimes lower to
+their int8 kernels), opened and timed through edgemml.runtimes like every artifact, at the report's
+thread count. The peak is the faster of the two: a network runs convolution kernels, and a runtime's
+convolution kernels may beat its MatMul (here ONNX Runtime's and torch's fp32 ones did, by up to
+1.07x). A peak is a measured reference, not a bound: a model whose kernels run better than one large
+product shows over 100 %.
 
 A peak is a property of one CPU, one set of kernels (library versions) and one thread count, so the
 cache is keyed by all of them (`cache_dir()/roofline-<key>.json`), and a roofline file measured
