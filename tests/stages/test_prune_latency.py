@@ -151,7 +151,7 @@ def test_baseline_timed_on_a_busy_machine_fails_when_asked(tmp_path, model_dir):
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
             for _ in range(min(cpus, 16))]
     try:
-        limit = round(0.5 * len(hogs) / cpus, 3)
+        limit = round(0.25 * len(hogs) / cpus, 3)  # the hogs alone use about len(hogs) / cpus
         proc = _run(tmp_path, model_dir, "stages.prune.target_speedup=1.4",
                     "stages.prune.latency_target.on_busy=fail",
                     f"stages.prune.latency_target.max_foreign_load={limit}")
