@@ -338,8 +338,6 @@ def render_html(report: Report) -> str:
         f"<code>{html.escape(str(data.get('source')))}</code>; {env.get('threads')} thread(s) on "
         f"{html.escape(str(env.get('processor') or env.get('machine')))}.</p>",
         f"<p>Recommended ({html.escape(_policy_text(report))}): {rec_text or 'n/a'}</p>",
-        *([f"<p><b>Warning</b>: {html.escape(report['timing_warning'])}</p>"]
-          if report.get("timing_warning") else []),
         "<h2>Gates</h2>", to_html(gates) if gates else "<p>No gates configured.</p>",
         *_front_section(report),
         "<h2>Artifacts</h2>", to_html(artifact_table(report)),

@@ -38,8 +38,6 @@ def render_markdown(report: Report) -> str:
             f"{backend}: **{name}**" if name else f"{backend}: none passes"
             for backend, name in rec.items()))
         out.append("")
-    if report.get("timing_warning"):
-        out += [f"**Warning**: {report['timing_warning']}", ""]
     gates = gate_table(report)
     out += ["## Gates", ""] + (to_markdown(gates) if gates else ["No gates configured."]) + [""]
     if front.get("sweeps") or most_accurate:

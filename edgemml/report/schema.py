@@ -40,7 +40,6 @@ class Latency(TypedDict):
     batch_median_ms: float
     throughput_ips: float | None
     throughput_runs: int
-    foreign_load: float | None
 
 
 class Compute(TypedDict):
@@ -171,5 +170,3 @@ class Report(TypedDict, total=False):
     robustness: RobustnessSection | None
     roofline: dict[str, Any] | None
     front: dict[str, Any]
-    #: set when other processes loaded the CPUs while artifacts were timed (validate.busy_timings)
-    timing_warning: str | None

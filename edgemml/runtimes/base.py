@@ -138,8 +138,6 @@ class Latency:
     batch_median_ms: float
     throughput_ips: float | None
     throughput_runs: int
-    #: share of the machine's CPUs other processes used meanwhile (None: not measurable here)
-    foreign_load: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,16 +154,12 @@ def measure_latency(runner: Runner, x: np.ndarray, *, warmup: int, runs: int, ba
     """Batch-1 latency (median, p90, min over `runs` timed calls after `warmup`) and throughput at
     `batch` (images/s from the median of `throughput_runs` calls), on real samples `x` so that
     data-dependent kernels (e.g. int8 saturation paths) run as in production."""
-    from edgemml.machine import ForeignLoad
-
     one, big = _batch_of(runner, x, 1), _batch_of(runner, x, batch)
-    with ForeignLoad() as others:
-        t1 = time_calls({"one": lambda: runner(one)}, warmup=warmup, runs=runs)["one"]
-        tb = time_calls({"big": lambda: runner(big)}, warmup=max(1, warmup // 2),
-                        runs=throughput_runs)["big"]
+    t1 = time_calls({"one": lambda: runner(one)}, warmup=warmup, runs=runs)["one"]
+    tb = time_calls({"big": lambda: runner(big)}, warmup=max(1, warmup // 2),
+                    runs=throughput_runs)["big"]
     return Latency(batch1_median_ms=t1.median_ms, batch1_p90_ms=t1.p90_ms,
                    batch1_min_ms=t1.min_ms, batch1_input=len(one), runs=runs, warmup=warmup,
                    threads=runner.threads, batch=len(big), batch_median_ms=tb.median_ms,
                    throughput_ips=len(big) / (tb.median_ms / 1e3) if tb.median_ms > 0 else None,
-                   throughput_runs=throughput_runs,
-                   foreign_load=None if others.fraction is None else round(others.fraction, 3))
+                   throughput_runs=throughput_runs)

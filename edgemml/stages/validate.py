@@ -190,10 +190,6 @@ class ValidateStage(Stage[ValidateConfig]):
         if plan.bundle is not None:
             check_bundle_labels(plan.bundle[1], classes)
         entries, roof = _measure_all(ctx, config, plan, dataset, classes)
-        busy = busy_timings(entries)
-        if busy:
-            ctx.warn(busy)
-            ctx.highlight(f"warning: {busy}")
         section = None
         if config.robustness is not None:
             from edgemml.stages._validate_robustness import run_robustness
@@ -205,7 +201,6 @@ class ValidateStage(Stage[ValidateConfig]):
         report = build_report(ctx, config, plan, len(dataset), classes, preprocess, entries)
         report["robustness"] = section
         report["roofline"] = None if roof is None else describe_roofline(roof)
-        report["timing_warning"] = busy
         return finish(ctx, config, plan, report)
 
 
@@ -235,27 +230,6 @@ def _measure_all(ctx: StageContext, config: ValidateConfig, plan: Plan, dataset:
                 macs=count_macs(subject, samples.shape, measured))
             bar.advance()
     return [m.entry for m in measured.values()], roof  # type: ignore[misc]
-
-
-#: other processes' CPU share above which validate says its latencies were taken on a busy machine
-BUSY_FOREIGN_LOAD = 0.25
-
-
-def busy_timings(entries: list[dict[str, Any]], limit: float = BUSY_FOREIGN_LOAD) -> str | None:
-    """A warning when other processes used more than `limit` of the CPUs while artifacts were
-    timed: latencies, speed-ups and latency gates from then are biased (torch eager slows about
-    twice as much as the int8 runtimes under load), and the report should say so."""
-    loaded = [(e["latency"].get("foreign_load"), e["name"]) for e in entries
-              if (e.get("latency") or {}).get("foreign_load") is not None]
-    over = sorted(((f, n) for f, n in loaded if f > limit), reverse=True)
-    if not over:
-        return None
-    names = ", ".join(n for _, n in over[:3]) + (f" and {len(over) - 3} more" if len(over) > 3
-                                                 else "")
-    return (f"other processes used up to {over[0][0]:.0%} of the CPUs while {len(over)} "
-            f"artifact(s) were timed ({names}): their latencies, speed-ups and latency gates were "
-            f"measured on a busy machine (torch fp32 slows more than int8 runtimes); re-run on a "
-            f"quiet machine before trusting them")
 
 
 def _roofline(ctx: StageContext, config: ValidateConfig) -> Any:

@@ -178,26 +178,6 @@ def test_reports_render_and_rerender_identically(tmp_path: Path) -> None:
         assert again[key].read_bytes() == paths[key].read_bytes(), key
 
 
-def test_latencies_timed_on_a_busy_machine_are_flagged_in_the_report(tmp_path: Path) -> None:
-    """validate records other processes' CPU share with every latency; above a quarter of the
-    CPUs the report says its latencies, speed-ups and latency gates were measured under load."""
-    from edgemml.stages.validate import busy_timings
-
-    quiet = [dict(e, latency=dict(e["latency"], foreign_load=0.02)) for e in ENTRIES]
-    assert busy_timings(quiet) is None
-    assert busy_timings(ENTRIES) is None                  # not measured: nothing to say
-    loaded = [dict(e, latency=dict(e["latency"], foreign_load=0.6 if "int8" in e["name"] else
-                                   0.01)) for e in ENTRIES]
-    warning = busy_timings(loaded)
-    assert warning is not None and "60%" in warning and "1 artifact(s)" in warning
-    assert "onnx-int8" in warning and "quiet machine" in warning
-    report = _report()
-    report["timing_warning"] = warning
-    paths = write_reports(report, tmp_path)
-    assert f"**Warning**: {warning}" in paths["report-md"].read_text()
-    assert "<b>Warning</b>: other processes used up to 60%" in paths["report-html"].read_text()
-
-
 def test_load_report_rejects_other_files(tmp_path: Path) -> None:
     other = tmp_path / "x.json"
     other.write_text(json.dumps({"schema": 1}))

@@ -96,7 +96,6 @@ def test_every_artifact_has_every_figure(base: Path) -> None:
             assert isinstance(par[key], float), (a["name"], key)
         assert 0 < lat["batch1_median_ms"] <= lat["batch1_p90_ms"]
         assert lat["throughput_ips"] > 0 and lat["batch"] == 16 and lat["threads"] == 1
-        assert lat["foreign_load"] is None or 0 <= lat["foreign_load"] <= 1  # None off Linux
         assert a["params"] > 0 and a["macs"] > a["params"]
         files = [Path(a["path"])] if Path(a["path"]).is_file() else [
             p for p in Path(a["path"]).iterdir() if p.suffix in (".xml", ".bin", ".json",
