@@ -50,7 +50,10 @@ def build_model(cfg: ModelConfig, *, num_classes: int, in_chans: int) -> nn.Modu
     in_chans = cfg.in_chans or in_chans
     options = dict(cfg.options)
     momentum = _bn_momentum(options.pop("bn_momentum", None))
+    logit_relu = _logit_relu(cfg, options.pop("logit_relu", None))
     model = _build(cfg, options, num_classes, in_chans)
+    if logit_relu is False:
+        model.classifier[2] = nn.Identity()  # type: ignore[index]
     if momentum is not None:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -71,6 +74,25 @@ def _bn_momentum(value: Any) -> float | None:
         raise ConfigError(f"model.options.bn_momentum must be a number in (0, 1], got {value!r}",
                           key="model.options.bn_momentum")
     return float(value)
+
+
+def _logit_relu(cfg: ModelConfig, value: Any) -> bool | None:
+    """`options.logit_relu`, edgemml's own option for torchvision's squeezenets (default false):
+    keep the ReLU torchvision puts on the logits.
+
+    Why off: with a ReLU on the logits a class whose output channel goes negative everywhere gets
+    no gradient again and can never be predicted. squeezenet1_1 trained on the 10 digits classes
+    (benchmarks/zoo.py) ended at 79 % with classes 2 and 6 never predicted (their logits 0 on
+    every sample), however long it trained. The ReLU holds no weights, so checkpoints load the
+    same either way; true rebuilds torchvision's exact head. None for other architectures.
+    """
+    squeeze = cfg.arch is not None and canonical_arch(cfg.arch).startswith(
+        TORCHVISION_PREFIX + "squeezenet")
+    if value is not None and (not squeeze or not isinstance(value, bool)):
+        raise ConfigError(f"model.options.logit_relu must be true or false and applies only to "
+                          f"torchvision's squeezenets, got {value!r} for {cfg.arch or cfg.python}",
+                          key="model.options.logit_relu")
+    return bool(value) if squeeze else None
 
 
 def _build(cfg: ModelConfig, options: dict[str, Any], num_classes: int, in_chans: int) -> nn.Module:

@@ -258,6 +258,30 @@ save_model(model, ModelSpec.from_config(cfg, num_classes=3, in_chans=1), Path(sy
         assert f.metadata() == {"edgemml": "model", "format": "pt"}
 
 
+def test_squeezenet_logits_have_no_relu_so_no_class_can_die(tmp_path: Path) -> None:
+    """Regression: squeezenet1_1 trained on digits ended at 79 % with classes 2 and 6 never
+    predicted; torchvision's ReLU on the logits held them at 0 with no gradient (zoo.py)."""
+    torch.manual_seed(0)
+    model = build_model(tv("squeezenet1_1"), num_classes=10, in_chans=1).eval()
+    kept = build_model(tv("squeezenet1_1", options={"logit_relu": True}), num_classes=10,
+                       in_chans=1).eval()
+    kept.load_state_dict(model.state_dict())  # the ReLU holds no weights
+    assert isinstance(kept.classifier[2], nn.ReLU) and isinstance(model.classifier[2], nn.Identity)
+    x = torch.randn(8, 1, 32, 32)
+    for m in (model, kept):  # a class pushed below zero everywhere
+        with torch.no_grad():
+            m.classifier[1].bias[2] = -1e3
+        m.zero_grad()
+        m(x)[:, 2].sum().backward()
+    assert model.classifier[1].weight.grad[2].abs().sum() > 0      # it still learns
+    assert kept.classifier[1].weight.grad[2].abs().sum() == 0      # dead for good
+    save_model(model, ModelSpec(arch="torchvision/squeezenet1_1", num_classes=10, in_chans=1),
+               tmp_path / "m")
+    assert isinstance(load_model(tmp_path / "m")[0].classifier[2], nn.Identity)
+    with pytest.raises(ConfigError, match="logit_relu"):
+        build_model(tv("resnet18", options={"logit_relu": False}), num_classes=10, in_chans=1)
+
+
 def test_bn_momentum_option_sets_every_batchnorm_and_survives_reload(tmp_path: Path) -> None:
     """torchvision's mobilenet_v3 uses momentum 0.01 (its running statistics lag short trainings
     so far that the model evaluates at chance); options.bn_momentum overrides every layer."""
