@@ -17,7 +17,7 @@ import numpy as np
 
 from edgemml import runtimes
 from edgemml.errors import StageError
-from edgemml.quantization.budget import Searched, noop_progress, score
+from edgemml.quantization.budget import Budget, Searched, noop_progress, score
 
 Method = Literal["minmax", "entropy", "percentile"]
 
@@ -186,21 +186,21 @@ def sensitivity(quantizer: OrtQuantizer, candidates: list[str], x: np.ndarray, r
 
 def quantize_within_budget(quantizer: OrtQuantizer, out: Path, tmp: Path, *, val_x: np.ndarray,
                            val_y: np.ndarray, ref: np.ndarray, fp32_pct: float | None,
-                           budget_pp: float | None, max_float_layers: int | None,
+                           budget: Budget, max_float_layers: int | None,
                            sensitivity_samples: int, log: Callable[[str], None] = print,
                            progress: Any = noop_progress) -> Searched:
-    """Quantize every node; if the top-1 drop on (val_x, val_y) exceeds `budget_pp`, rank the
-    nodes by sensitivity and keep the k most sensitive in float for the smallest k that meets it
-    (at most `max_float_layers`). `result.met` is False when no allowed k does."""
+    """Quantize every node; if the result on (val_x, val_y) misses `budget`, rank the nodes by
+    sensitivity and keep the k most sensitive in float for the smallest k that meets it (at most
+    `max_float_layers`). `result.met` is False when no allowed k does."""
     from edgemml.data.datasets import evenly_spaced
 
     quantizer.quantize(out)
     candidates = quantizer.quantized_nodes(out)
     plain = score(logits(out, val_x), val_y, ref, fp32_pct)
     result = Searched(plain, plain, quantized_layers=len(candidates))
-    if budget_pp is None or plain.drop_pp is None or plain.drop_pp <= budget_pp:
+    if not budget.active or budget.meets(plain):
         return result
-    log(f"onnxruntime int8 drops {plain.drop_pp:.2f} pp > {budget_pp:g} pp: ranking "
+    log(f"onnxruntime int8 misses the budget ({budget.miss(plain)}): ranking "
         f"{len(candidates)} layers by sensitivity")
     sel = evenly_spaced(len(val_x), sensitivity_samples)
     with progress("layer sensitivity (onnxruntime)", len(candidates)) as bar:
@@ -215,15 +215,15 @@ def quantize_within_budget(quantizer: OrtQuantizer, out: Path, tmp: Path, *, val
             quantizer.quantize(out, exclude=ranked[:k])
             final = score(logits(out, val_x), val_y, ref, fp32_pct)
             trials.append({"float_layers": k, "top1_pct": final.top1_pct,
-                           "accuracy_drop_pp": final.drop_pp})
+                           "accuracy_drop_pp": final.drop_pp, "agreement": final.agreement})
             bar.advance()
             bar.update(drop_pp=final.drop_pp)
-            if final.drop_pp is not None and final.drop_pp <= budget_pp:
+            if budget.meets(final):
                 met = True
                 break
     result.final = final
     result.float_layers = ranked[:len(trials)]
-    result.search = {"budget_pp": budget_pp, "max_float_layers": cap, "met": met,
+    result.search = {**budget.as_dict(), "max_float_layers": cap, "met": met,
                      "sensitivity": {n: round(scores[n], 8) for n in ranked},
                      "sensitivity_samples": int(len(sel)), "trials": trials}
     return result

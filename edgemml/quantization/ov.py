@@ -18,7 +18,7 @@ import numpy as np
 from edgemml import runtimes
 from edgemml.errors import StageError
 from edgemml.exporters.openvino import save_ir
-from edgemml.quantization.budget import Searched, score
+from edgemml.quantization.budget import Budget, Searched, score
 from edgemml.runtimes.openvino import IR_XML
 
 WEIGHTED_OPS = ("Convolution", "GroupConvolution", "MatMul", "ConvolutionBackpropData",
@@ -136,14 +136,16 @@ def _top1(compiled: Any, x: np.ndarray, y: np.ndarray) -> float:
 
 def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, settings: OvSettings, *,
                 val_x: np.ndarray, val_y: np.ndarray, ref: np.ndarray, fp32_pct: float | None,
-                budget_pp: float | None, max_float_layers: int | None,
+                budget: Budget, max_float_layers: int | None,
                 log: Callable[[str], None] = print,
                 keep_plain: Path | None = None) -> tuple[Searched, str]:
     """An int8 IR of an fp32 ONNX model in out_dir/model.xml, and the precision it runs in.
 
-    nncf.quantize first; if the top-1 drop exceeds `budget_pp`,
-    nncf.quantize_with_accuracy_control keeps layers in float. Accuracy is measured with the IR
-    compiled in f32, and which layers stayed in float is read from the saved IR itself.
+    nncf.quantize first; if the result misses `budget`, nncf.quantize_with_accuracy_control keeps
+    layers in float until the top-1 drop is within budget.max_drop_pp (NNCF's restorer ranks by
+    the one metric; a min_agreement is checked on its result, and a miss leaves `met` False for
+    QAT or the error). Accuracy is measured with the IR compiled in f32, and which layers stayed
+    in float is read from the saved IR itself.
     `keep_plain`: a folder where the plain int8 IR is kept when the budget search replaces it
     (the per-layer error of the layers kept in float is measured on it).
     """
@@ -156,11 +158,11 @@ def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, setting
     logits, precision = logits_f32(out_dir / IR_XML, val_x)
     plain = score(logits, val_y, ref, fp32_pct)
     final, search = plain, None
-    if budget_pp is not None and plain.drop_pp is not None and plain.drop_pp > budget_pp:
-        log(f"openvino int8 drops {plain.drop_pp:.2f} pp > {budget_pp:g} pp: "
+    if budget.active and not budget.meets(plain):
+        log(f"openvino int8 misses the budget ({budget.miss(plain)}): "
             f"nncf.quantize_with_accuracy_control")
         q = quantize_ov_with_budget(ov.convert_model(str(fp32_onnx)), calibration, val_x, val_y,
-                                    settings, max_drop_pp=budget_pp,
+                                    settings, max_drop_pp=budget.max_drop_pp or 0.0,
                                     max_float_layers=max_float_layers, accuracy=_top1)
         if keep_plain is not None:
             shutil.rmtree(keep_plain, ignore_errors=True)
@@ -170,8 +172,7 @@ def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, setting
         save_ir(q, out_dir / IR_XML, compress_to_fp16=False)
         logits, precision = logits_f32(out_dir / IR_XML, val_x)
         final = score(logits, val_y, ref, fp32_pct)
-        search = {"budget_pp": budget_pp, "method": "nncf.quantize_with_accuracy_control",
-                  "max_float_layers": max_float_layers,
-                  "met": final.drop_pp is not None and final.drop_pp <= budget_pp}
+        search = {**budget.as_dict(), "method": "nncf.quantize_with_accuracy_control",
+                  "max_float_layers": max_float_layers, "met": budget.meets(final)}
     quantized, floating = float_layers(ov.Core().read_model(str(out_dir / IR_XML)))
     return Searched(plain, final, len(quantized), floating, search), precision

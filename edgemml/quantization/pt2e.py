@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgemml.exporters.embedded import ConversionError, innermost_module, module_paths
-from edgemml.quantization.budget import Searched, noop_progress, score
+from edgemml.quantization.budget import Budget, Searched, noop_progress, score
 
 #: ops whose weights decide whether a layer is int8 (conv and linear in aten / edge form)
 WEIGHTED_OPS = ("conv1d", "conv2d", "conv3d", "convolution", "linear", "conv_transpose2d")
@@ -234,7 +234,7 @@ class BudgetArgs:
     val_y: np.ndarray
     ref: np.ndarray
     fp32_pct: float | None
-    budget_pp: float | None
+    budget: Budget
     max_float_layers: int | None
     sensitivity_samples: int
 
@@ -255,9 +255,9 @@ def quantize_within_budget(
     plain = score(file_logits(res.path), args.val_y, args.ref, args.fp32_pct)
     candidates = [m for m, kind in res.layers.items() if kind == "int8"]
     searched = Searched(plain, plain, quantized_layers=len(candidates))
-    if args.budget_pp is None or plain.drop_pp is None or plain.drop_pp <= args.budget_pp:
+    if not args.budget.active or args.budget.meets(plain):
         return searched, res
-    log(f"{target} int8 drops {plain.drop_pp:.2f} pp > {args.budget_pp:g} pp: ranking "
+    log(f"{target} int8 misses the budget ({args.budget.miss(plain)}): ranking "
         f"{len(candidates)} layers by sensitivity")
     sel = evenly_spaced(len(args.val_x), args.sensitivity_samples)
     x, ref = args.val_x[sel], args.ref[sel].astype(np.float64)
@@ -283,12 +283,14 @@ def quantize_within_budget(
             sim = score(graph_logits(gm, args.val_x, captured.static_batch), args.val_y,
                         args.ref, args.fp32_pct)
             trial: dict[str, Any] = {"float_layers": k, "simulated_top1_pct": sim.top1_pct,
-                                     "simulated_accuracy_drop_pp": sim.drop_pp}
-            if sim.drop_pp is not None and sim.drop_pp <= args.budget_pp:
+                                     "simulated_accuracy_drop_pp": sim.drop_pp,
+                                     "simulated_agreement": sim.agreement}
+            if args.budget.meets(sim):
                 res = write(kept)  # only the written file's figure decides
                 final = score(file_logits(res.path), args.val_y, args.ref, args.fp32_pct)
-                trial.update(top1_pct=final.top1_pct, accuracy_drop_pp=final.drop_pp)
-                met = final.drop_pp is not None and final.drop_pp <= args.budget_pp
+                trial.update(top1_pct=final.top1_pct, accuracy_drop_pp=final.drop_pp,
+                             agreement=final.agreement)
+                met = args.budget.meets(final)
             trials.append(trial)
             bar.advance()
             if met:
@@ -296,9 +298,10 @@ def quantize_within_budget(
     if not met and trials and "top1_pct" not in trials[-1]:
         res = write(kept)  # the file on disk is the one with the most float layers tried
         final = score(file_logits(res.path), args.val_y, args.ref, args.fp32_pct)
-        trials[-1].update(top1_pct=final.top1_pct, accuracy_drop_pp=final.drop_pp)
+        trials[-1].update(top1_pct=final.top1_pct, accuracy_drop_pp=final.drop_pp,
+                          agreement=final.agreement)
     searched.final, searched.float_layers = final, list(kept)
-    searched.search = {"budget_pp": args.budget_pp, "max_float_layers": cap, "met": met,
+    searched.search = {**args.budget.as_dict(), "max_float_layers": cap, "met": met,
                        "method": "sensitivity ranking on the converted PT2E graph; each candidate "
                                  "file measured with its runtime",
                        "sensitivity": {n: round(scores[n], 8) for n in ranked},

@@ -114,8 +114,8 @@ def qat_model(ctx: Any, config: Any, a: Any, target: str) -> Any:
     if isinstance(a.qat, StageError):
         raise a.qat
     if a.qat is None:
-        ctx.log(f"post-training int8 misses max_accuracy_drop {config.max_accuracy_drop:g} pp: "
-                f"quantization-aware training, {config.qat.max_steps} steps")
+        ctx.log(f"post-training int8 misses the budget: quantization-aware training, "
+                f"{config.qat.max_steps} steps")
         out = ctx.work_dir / "tmp-qat"
         out.mkdir(exist_ok=True)
         try:
@@ -138,8 +138,8 @@ def _failed(exc: Exception) -> dict[str, Any]:
             "error": getattr(exc, "message", str(exc))}
 
 
-def _adopt(res: Any, scored: Any, budget: float) -> dict[str, Any]:
-    met = scored.drop_pp is not None and scored.drop_pp <= budget
+def _adopt(res: Any, scored: Any, budget: Any) -> dict[str, Any]:
+    met = budget.meets(scored)
     if met:  # the QAT model replaces the post-training one
         res.final, res.float_layers = scored, []
         res.search = {**(res.search or {}), "met": True, "met_by": "qat"}
@@ -160,7 +160,7 @@ def qat_ort(ctx: Any, config: Any, a: Any, res: Any, out: Path, target: str) -> 
     except StageError as exc:
         return _failed(exc)
     entry = {**q.as_dict(), **_adopt(res, score(logits(q.onnx, a.val_x), a.val_y, a.ref,
-                                                a.fp32_pct), config.max_accuracy_drop)}
+                                                a.fp32_pct), config.budget())}
     if entry["met"]:
         shutil.copyfile(q.onnx, out)
     return entry
@@ -188,7 +188,7 @@ def qat_ov(ctx: Any, config: Any, a: Any, res: Any, out_dir: Path, target: str
     ov.save_model(ov.convert_model(str(q.onnx)), str(ir / IR_XML), compress_to_fp16=False)
     logits, _ = logits_f32(ir / IR_XML, a.val_x)
     entry = {**q.as_dict(), **_adopt(res, score(logits, a.val_y, a.ref, a.fp32_pct),
-                                     config.max_accuracy_drop)}
+                                     config.budget())}
     if entry["met"]:
         shutil.rmtree(out_dir)
         shutil.move(str(ir), str(out_dir))

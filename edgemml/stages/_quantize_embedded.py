@@ -89,7 +89,7 @@ def quantize_embedded(ctx: StageContext, config: Any, target: str, model: Any, a
     out = ctx.work_dir / f"model.int8{module.SUFFIX}"
     example = torch.from_numpy(np.ascontiguousarray(a.calib[:1]))
     t0 = time.perf_counter()
-    budget = BudgetArgs(a.val_x, a.val_y, a.ref, a.fp32_pct, config.max_accuracy_drop,
+    budget = BudgetArgs(a.val_x, a.val_y, a.ref, a.fp32_pct, config.budget(),
                         config.max_float_layers, config.sensitivity_samples)
 
     def write(names: list[str]) -> Any:

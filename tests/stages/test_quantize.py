@@ -177,6 +177,45 @@ def test_impossible_budget_fails_cleanly_with_figures(tmp_path, models):
     assert f"{trial[0]['accuracy_drop_pp']:.2f} pp" in proc.stderr
 
 
+def test_min_agreement_searches_where_the_drop_alone_is_met(tmp_path, models):
+    """Flips cancel in a drop (zoo: MobileNetV2 int8 0.00 pp on val with 6 of 359 predictions
+    changed, 0.56 pp on test): with min_agreement the search runs although the drop is within
+    budget, and stops only when int8 predicts like fp32 (or fails naming the agreement)."""
+    _pipeline(tmp_path, models["pruned"], """
+            backends: [onnxruntime]
+            max_accuracy_drop: 100.0
+            min_agreement: 1.0
+            max_float_layers: 2
+            sensitivity_samples: 32
+            per_layer_samples: 0
+    """)
+    proc = run_cli("run", "pipeline.yaml", cwd=tmp_path, env=_env())
+    assert proc.returncode in (0, 2), _explain(proc)
+    stage = tmp_path / "runs/q" / ("02-quantize" if proc.returncode == 0 else ".02-quantize.partial")
+    report = json.loads((stage / "quantize.json").read_text())
+    ort = report["onnxruntime"]
+    assert report["min_agreement"] == 1.0
+    assert ort["plain_int8"]["top1_agreement_with_fp32"] < 1.0, "int8 agreed fully: nothing to test"
+    search = ort["search"]
+    assert search is not None and search["min_agreement"] == 1.0 and search["budget_pp"] == 100.0
+    trials = search["trials"]
+    assert trials and all("agreement" in t for t in trials)
+    if proc.returncode == 0:
+        assert search["met"] and ort["top1_agreement_with_fp32"] == 1.0
+        assert trials[-1]["agreement"] == 1.0 and len(ort["float_layers"]) == len(trials)
+    else:
+        assert not search["met"] and len(trials) == 2
+        assert "agreement with fp32" in proc.stderr and "< min_agreement 1" in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+    _pipeline(tmp_path, models["pruned"], """
+            min_agreement: 0.99
+    """)
+    proc = run_cli("check", "pipeline.yaml", cwd=tmp_path, env=_env())
+    assert proc.returncode == 2 and "min_agreement" in proc.stderr and "max_accuracy_drop" in \
+        proc.stderr, _explain(proc)
+
+
 def test_config_errors_name_the_key(tmp_path, models):
     _pipeline(tmp_path, models["pruned"], """
             backends: [onnxruntime, onnxruntime]

@@ -87,6 +87,7 @@ def test_ort_per_layer_names_the_layer_that_int8_breaks(quantized) -> None:
 
 
 def test_openvino_per_layer_agrees_on_the_worst_layer(quantized, tmp_path: Path) -> None:
+    from edgemml.quantization.budget import Budget
     from edgemml.quantization.ov import OvSettings, quantize_ir
 
     x = quantized["x"]
@@ -95,7 +96,7 @@ def test_openvino_per_layer_agrees_on_the_worst_layer(quantized, tmp_path: Path)
                            OvSettings(preset="performance", fast_bias_correction=True,
                                       model_type=None, subset_size=len(x)),
                            val_x=x[:8], val_y=np.zeros(8, dtype=np.int64),
-                           ref=np.zeros((8, 10), np.float32), fp32_pct=None, budget_pp=None,
+                           ref=np.zeros((8, 10), np.float32), fp32_pct=None, budget=Budget(),
                            max_float_layers=None, log=lambda s: None)
     ticks = []
     res = perlayer.ov_per_layer(ir_fp32, tmp_path / "int8" / "model.xml", x,

@@ -119,7 +119,7 @@ def test_qat_replaces_post_training_int8_only_when_it_meets_the_budget(
     from types import SimpleNamespace
 
     from edgemml import runtimes
-    from edgemml.quantization.budget import Scored, Searched, score
+    from edgemml.quantization.budget import Budget, Scored, Searched, score
     from edgemml.stages._quantize import qat_ort, qat_ov
 
     model, _, vx, vy = trained
@@ -128,7 +128,7 @@ def test_qat_replaces_post_training_int8_only_when_it_meets_the_budget(
     fp32_pct = 100 * float((ref.argmax(1) == vy).mean())
     q_drop = score(runtimes.predict(runtimes.open_artifact(res.onnx, threads=None), vx), vy, ref,
                    fp32_pct).drop_pp
-    config = SimpleNamespace(max_accuracy_drop=q_drop + margin_pp)
+    config = SimpleNamespace(budget=lambda: Budget(q_drop + margin_pp))
     a = SimpleNamespace(qat=res, val_x=vx, val_y=vy, ref=ref, fp32_pct=fp32_pct)
     ctx = SimpleNamespace(work_dir=tmp_path, log=lambda s: None)
     ptq = Scored(fp32_pct - 5.0, 5.0, 0.9)
