@@ -71,10 +71,12 @@ def quantize_ov(model: Any, calibration: np.ndarray, settings: OvSettings) -> An
 def quantize_ov_with_budget(model: Any, calibration: np.ndarray, val_x: np.ndarray,
                             val_y: np.ndarray, settings: OvSettings, *, max_drop_pp: float,
                             max_float_layers: int | None,
-                            accuracy: Callable[[Any, np.ndarray, np.ndarray], float]) -> Any:
+                            accuracy: Callable[[Any, np.ndarray, np.ndarray, np.ndarray], float]
+                            ) -> Any:
     """nncf.quantize_with_accuracy_control with an absolute top-1 drop budget (percentage points).
 
-    `accuracy(compiled_model, x, y)` is the same metric the stage reports (top-1 in percent), so
+    `accuracy(compiled_model, x, y, indices)` is the same metric the stage reports (top-1 in
+    percent; `indices` into val_x, for a metric that also compares with reference outputs), so
     NNCF optimises what the report measures; the budget is in the same unit.
     """
     import nncf
@@ -82,14 +84,14 @@ def quantize_ov_with_budget(model: Any, calibration: np.ndarray, val_x: np.ndarr
 
     _quiet_nncf()
     calib = nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))])
-    items = [(val_x[i:i + 1], int(val_y[i])) for i in range(len(val_x))]
+    items = [(val_x[i:i + 1], int(val_y[i]), i) for i in range(len(val_x))]
     val = nncf.Dataset(items, lambda item: item[0])
 
     def validate(compiled: Any, data: Any) -> float:
-        pairs = list(data)
-        x = np.concatenate([p[0] for p in pairs])
-        y = np.asarray([p[1] for p in pairs])
-        return accuracy(compiled, x, y)
+        items = list(data)
+        x = np.concatenate([p[0] for p in items])
+        return accuracy(compiled, x, np.asarray([p[1] for p in items]),
+                        np.asarray([p[2] for p in items]))
 
     restorer = AdvancedAccuracyRestorerParameters(
         max_num_iterations=max_float_layers if max_float_layers is not None else 2**31 - 1)
@@ -126,12 +128,27 @@ def logits_f32(model_or_xml: Any, x: np.ndarray) -> tuple[np.ndarray, str]:
     return runtimes.predict(runner, x), precision
 
 
-def _top1(compiled: Any, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 (percent) of a model NNCF compiled itself, for its accuracy-control loop."""
-    from edgemml.metrics import accuracy
+def _nncf_metric(budget: Budget, ref: np.ndarray
+                 ) -> Callable[[Any, np.ndarray, np.ndarray, np.ndarray], float]:
+    """The metric NNCF's accuracy control keeps within budget.max_drop_pp of fp32's: top-1 in
+    percent of a model NNCF compiled itself; with budget.min_agreement, 100 points and the
+    shortfall lower while the model agrees with `ref` (fp32) on fewer val samples than that.
+    NNCF knows one metric and one drop; the penalty makes "agreement missed" a drop over any
+    budget, so its restorer keeps reverting layers (ranked by their output error, not by this
+    metric) until both hold. The fp32 model agrees with itself, so its metric is its top-1."""
+    from edgemml.metrics import accuracy, agreement
 
-    runner = runtimes.backend("openvino").runner_for(compiled, "f32", threads=None, name="nncf")
-    return accuracy(runtimes.predict(runner, x), y).top1_pct or 0.0
+    def metric(compiled: Any, x: np.ndarray, y: np.ndarray, idx: np.ndarray) -> float:
+        runner = runtimes.backend("openvino").runner_for(compiled, "f32", threads=None,
+                                                         name="nncf")
+        logits = runtimes.predict(runner, x)
+        top1 = accuracy(logits, y).top1_pct or 0.0
+        if budget.min_agreement is None:
+            return top1
+        shortfall = budget.min_agreement - agreement(logits, ref[idx])
+        return top1 if shortfall <= 0 else top1 - 100.0 * (1.0 + shortfall)
+
+    return metric
 
 
 def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, settings: OvSettings, *,
@@ -142,9 +159,8 @@ def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, setting
     """An int8 IR of an fp32 ONNX model in out_dir/model.xml, and the precision it runs in.
 
     nncf.quantize first; if the result misses `budget`, nncf.quantize_with_accuracy_control keeps
-    layers in float until the top-1 drop is within budget.max_drop_pp (NNCF's restorer ranks by
-    the one metric; a min_agreement is checked on its result, and a miss leaves `met` False for
-    QAT or the error). Accuracy is measured with the IR compiled in f32, and which layers stayed
+    layers in float until the budget holds (top-1 drop, and agreement with fp32 through
+    _nncf_metric); a miss leaves `met` False, for QAT or the error. Accuracy is measured with the IR compiled in f32, and which layers stayed
     in float is read from the saved IR itself.
     `keep_plain`: a folder where the plain int8 IR is kept when the budget search replaces it
     (the per-layer error of the layers kept in float is measured on it).
@@ -163,7 +179,8 @@ def quantize_ir(fp32_onnx: Path, out_dir: Path, calibration: np.ndarray, setting
             f"nncf.quantize_with_accuracy_control")
         q = quantize_ov_with_budget(ov.convert_model(str(fp32_onnx)), calibration, val_x, val_y,
                                     settings, max_drop_pp=budget.max_drop_pp or 0.0,
-                                    max_float_layers=max_float_layers, accuracy=_top1)
+                                    max_float_layers=max_float_layers,
+                                    accuracy=_nncf_metric(budget, ref))
         if keep_plain is not None:
             shutil.rmtree(keep_plain, ignore_errors=True)
             shutil.move(str(out_dir), str(keep_plain))

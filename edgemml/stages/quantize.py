@@ -3,9 +3,10 @@ LiteRT, within an accuracy budget.
 
 Defaults are the fast and accurate recipe for the CPU it runs on (uint8 activations x int8
 per-channel weights on x86 with VNNI; see edgemml/quantization/cpu.py), and the choice is reported.
-Accuracy fp32 vs int8 is measured on the validation split. With `max_accuracy_drop`, a model that
-misses the budget gets its most sensitive layers kept in float, the fewest that meet it; when no
-allowed number does, the stage fails with the figures.
+Accuracy fp32 vs int8 is measured on the validation split. With `max_accuracy_drop` (and
+`min_agreement`, the share of val predictions int8 must keep), a model that misses the budget gets
+its most sensitive layers kept in float, the fewest that meet it; when no allowed number does, the
+stage fails with the figures.
 
 Why this stage, not export, owns the int8 .pte and .tflite files: an int8 file is the product of
 calibration and of the budget search, and both live here: the same calibration samples (one

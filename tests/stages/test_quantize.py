@@ -177,15 +177,17 @@ def test_impossible_budget_fails_cleanly_with_figures(tmp_path, models):
     assert f"{trial[0]['accuracy_drop_pp']:.2f} pp" in proc.stderr
 
 
-def test_min_agreement_searches_where_the_drop_alone_is_met(tmp_path, models):
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_min_agreement_searches_where_the_drop_alone_is_met(tmp_path, models, backend):
     """Flips cancel in a drop (zoo: MobileNetV2 int8 0.00 pp on val with 6 of 359 predictions
     changed, 0.56 pp on test): with min_agreement the search runs although the drop is within
-    budget, and stops only when int8 predicts like fp32 (or fails naming the agreement)."""
-    _pipeline(tmp_path, models["pruned"], """
-            backends: [onnxruntime]
+    budget, and stops only when int8 predicts like fp32 (or fails naming the agreement). For
+    OpenVINO, NNCF's accuracy control sees a metric that misses while the agreement does."""
+    _pipeline(tmp_path, models["pruned"], f"""
+            backends: [{backend}]
             max_accuracy_drop: 100.0
-            min_agreement: 1.0
-            max_float_layers: 2
+            min_agreement: 0.999
+            max_float_layers: 3
             sensitivity_samples: 32
             per_layer_samples: 0
     """)
@@ -193,20 +195,23 @@ def test_min_agreement_searches_where_the_drop_alone_is_met(tmp_path, models):
     assert proc.returncode in (0, 2), _explain(proc)
     stage = tmp_path / "runs/q" / ("02-quantize" if proc.returncode == 0 else ".02-quantize.partial")
     report = json.loads((stage / "quantize.json").read_text())
-    ort = report["onnxruntime"]
-    assert report["min_agreement"] == 1.0
-    assert ort["plain_int8"]["top1_agreement_with_fp32"] < 1.0, "int8 agreed fully: nothing to test"
-    search = ort["search"]
-    assert search is not None and search["min_agreement"] == 1.0 and search["budget_pp"] == 100.0
-    trials = search["trials"]
-    assert trials and all("agreement" in t for t in trials)
+    res = report[backend]
+    assert report["min_agreement"] == 0.999
+    assert res["plain_int8"]["top1_agreement_with_fp32"] < 0.999, "int8 agreed: nothing to test"
+    search = res["search"]
+    assert search is not None and search["min_agreement"] == 0.999 and search["budget_pp"] == 100.0
+    assert search["met"] == (proc.returncode == 0)
+    # the drop alone (100 pp) was met from the start: layers went back to float for agreement
+    assert res["float_layers"], res
     if proc.returncode == 0:
-        assert search["met"] and ort["top1_agreement_with_fp32"] == 1.0
-        assert trials[-1]["agreement"] == 1.0 and len(ort["float_layers"]) == len(trials)
+        assert res["top1_agreement_with_fp32"] >= 0.999
     else:
-        assert not search["met"] and len(trials) == 2
-        assert "agreement with fp32" in proc.stderr and "< min_agreement 1" in proc.stderr
+        assert "agreement with fp32" in proc.stderr and "< min_agreement 0.999" in proc.stderr
         assert "Traceback" not in proc.stderr
+    if backend == "onnxruntime":
+        trials = search["trials"]
+        assert trials and all("agreement" in t for t in trials)
+        assert len(res["float_layers"]) == len(trials) <= 3
 
     _pipeline(tmp_path, models["pruned"], """
             min_agreement: 0.99
