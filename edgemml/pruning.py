@@ -262,10 +262,13 @@ def prune_step(model: nn.Module, example: torch.Tensor, ratio: float, settings: 
         if len(idxs) > allowed:
             if grouped or pruner._get_channel_groups(group) > 1:  # equal groups: whole or none
                 continue
-            imp = pruner.estimate_importance(group)
-            order = torch.argsort(imp).tolist() if imp is not None and len(imp) == len(idxs) else \
-                list(range(len(idxs)))
-            keep_idxs = sorted(idxs[i] for i in order[:allowed])
+            # ranked on the whole layer's group: torch-pruning's importance of a partial group
+            # indexes by channel and overflows (RegNetY's squeeze-excitation: index 24 of 24)
+            imp = None if current is None else pruner.estimate_importance(
+                pruner.DG.get_pruning_group(root, handler, list(range(current))))
+            if imp is not None and len(imp) == current:
+                idxs = sorted(idxs, key=lambda i: float(imp[i]))
+            keep_idxs = sorted(idxs[:allowed])
             group = pruner.DG.get_pruning_group(root, handler, keep_idxs)
             if not pruner.DG.check_pruning_group(group):
                 continue
