@@ -5,6 +5,7 @@ milliseconds: the machine is shared and loaded), and checked independently after
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -133,7 +134,10 @@ def test_unreachable_latency_target_exits_2_with_the_closest(tmp_path, model_dir
     proc = _run(tmp_path, model_dir, "stages.prune.target_speedup=60", artifact="torch")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     err = proc.stderr
-    assert "latency target cannot be met" in err and "closest was" in err and "at ratio 0.7" in err
+    assert "latency target cannot be met" in err and "closest was" in err
+    # the closest candidate is a heavily pruned one, within max_layer_sparsity (0.8)
+    closest = float(re.search(r"at ratio (\d\.\d+)", err).group(1))
+    assert 0.6 <= closest <= 0.8, err
     assert "Traceback" not in err
     partial = next((tmp_path / "runs/latprune").glob(".*prune.partial"))
     doc = json.loads((partial / "latency-search.json").read_text())
