@@ -113,5 +113,11 @@ def test_zoo_benchmark_reduced_version(tmp_path: Path) -> None:
         for x in r["int8"].values():
             assert 0 <= x["agreement"] <= 1 and x["batch1_median_ms"] > 0, x
             assert x["min_sqnr_db"] is not None, x
+        # OpenVINO's columns: int8 pinned to f32 (the budget's precision), and beside it both
+        # IRs as a plain compile_model() runs them, each naming the precision OpenVINO reported
+        assert r["int8"]["openvino"]["runs_in"] == "f32", r
+        deployed = r["int8"]["openvino"]["default_precision"]
+        assert {"int8", "fp32"} == set(deployed), deployed
+        assert all(d["runs_in"] in ("f32", "bf16", "f16") for d in deployed.values()), deployed
     table = (tmp_path / "zoo.quick.md").read_text()
     assert "| mobilenet_v3_small |" in table and "| shufflenet_v2_x0_5 |" in table
