@@ -306,8 +306,8 @@ def _deployed_note(r: dict[str, Any]) -> str:
 
 def _deployed_cell(r: dict[str, Any]) -> str:
     """OpenVINO's int8 and pruned fp32 top-1 as a plain compile_model() runs them, in what, and
-    the int8's speed-up over torch eager that way (pinning f32 slows some models: densenet121's
-    concatenations)."""
+    the int8's speed-up over torch eager that way (the [f32] column's speed-up is the pinned
+    IR's: the two can differ)."""
     d = (r["int8"].get("openvino") or {}).get("default_precision")
     if not d:
         return ""
