@@ -389,9 +389,8 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace, info: dict[str, An
         "# The architectures edge users ship (benchmarks/zoo.py)", "",
         (f"{a.printed} rendered printed digits (builtin:printed-digits)"
          if getattr(a, "printed", None) else "scikit-learn digits") + f", grayscale 32x32 (test n={test_n}); trained from scratch "
-        f"{a.train_steps} steps unless ARCHS says otherwise (AdamW, cosine, batch 32, augment); "
-        f"prune 0.5 MACs + {a.recover_steps} steps of distilled recovery unless ARCHS says "
-        f"otherwise (column 'steps'); int8 within 0.5 pp "
+        f"(AdamW, cosine, batch 32, augment); pruned to 0.5 MACs with distilled recovery "
+        f"(training and recovery steps of each row: column 'steps'); int8 within 0.5 pp "
         f"(val) with at most 4 layers kept in float, else QAT (200 steps), else plain int8 "
         f"(column 'int8 made by'); validate {a.threads} threads, batch 1. Δ pp: against the "
         f"model one column left (int8 against the pruned fp32). OpenVINO int8 [f32]: compiled "
@@ -472,8 +471,8 @@ def merge(a: argparse.Namespace) -> None:
     """Rows of other zoo.json files replace the same architectures' rows in --results; the machine
     line keeps the earliest date and the highest load seen. With --reread, every row's figures are
     read again from its run folder."""
-    path = a.results / "zoo.json"
-    base = json.loads(path.read_text())
+    stem = "zoo-printed" if a.printed else "zoo"
+    base = json.loads((a.results / f"{stem}.json").read_text())
     rows = {r["arch"]: r for r in base["rows"]}
     info = base["machine"]
     info["date"] = info["date"].split(" (")[0]  # which rows when: provenance()
@@ -492,7 +491,7 @@ def merge(a: argparse.Namespace) -> None:
     settings = base["settings"]
     for k in ("train_steps", "recover_steps", "threads"):
         setattr(a, k, settings.get(k, getattr(a, k)))
-    js, mdp = write_results("zoo", {"machine": info, "settings": settings, "rows": ordered},
+    js, mdp = write_results(stem, {"machine": info, "settings": settings, "rows": ordered},
                             render(ordered, a, info), a.results)
     print(f"wrote {js} and {mdp}")
 
