@@ -19,12 +19,19 @@ What the table says and does not:
   layers kept in float); where that misses, QAT; where that misses too, plain post-training
   int8, marked (INT8_PATHS). Each row records when, at which commit and with which budget it
   was measured (`measured`; rows without it: the first full run, 2026-11-30, drop alone);
+* OpenVINO's int8 is shown pinned to f32 (the precision its budget was checked in and the bundle
+  runs) and, beside it, at OpenVINO's default precision (bf16 outside the int8 ops on CPUs with
+  AVX-512 BF16) next to the pruned fp32 IR run the same way;
+* digits' test split is 359 images (0.28 pp each): `--printed N` runs the same task on N rendered
+  printed digits, whose splits resolve the 0.5 pp int8 target (zoo-printed.{json,md});
 * every run folder is kept in --workdir, so each figure traces to its report.json.
 
     nice -n 5 .venv/bin/python benchmarks/zoo.py                       # the whole table
     nice -n 5 .venv/bin/python benchmarks/zoo.py --archs mobilenet_v2   # one row (merged into
                                                                           # the existing results)
     nice -n 5 .venv/bin/python benchmarks/zoo.py --quick                # CI's reduced version
+    nice -n 5 .venv/bin/python benchmarks/zoo.py --printed 6000 --archs mobilenet_v2
+    .venv/bin/python benchmarks/zoo.py --reread    # re-read every row from its run folder
 
 Results go to benchmarks/results/zoo.{json,md} (zoo.quick.* with --quick), rewritten after every
 architecture so an interrupted run keeps what it measured; `--resume` skips rows already there.
