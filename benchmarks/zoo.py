@@ -22,15 +22,12 @@ What the table says and does not:
 * OpenVINO's int8 is shown pinned to f32 (the precision its budget was checked in and the bundle
   runs) and, beside it, at OpenVINO's default precision (bf16 outside the int8 ops on CPUs with
   AVX-512 BF16) next to the pruned fp32 IR run the same way;
-* digits' test split is 359 images (0.28 pp each): `--printed N` runs the same task on N rendered
-  printed digits, whose splits resolve the 0.5 pp int8 target (zoo-printed.{json,md});
 * every run folder is kept in --workdir, so each figure traces to its report.json.
 
     nice -n 5 .venv/bin/python benchmarks/zoo.py                       # the whole table
     nice -n 5 .venv/bin/python benchmarks/zoo.py --archs mobilenet_v2   # one row (merged into
                                                                           # the existing results)
     nice -n 5 .venv/bin/python benchmarks/zoo.py --quick                # CI's reduced version
-    nice -n 5 .venv/bin/python benchmarks/zoo.py --printed 6000 --archs mobilenet_v2
     .venv/bin/python benchmarks/zoo.py --reread    # re-read every row from its run folder
 
 Results go to benchmarks/results/zoo.{json,md} (zoo.quick.* with --quick), rewritten after every
@@ -123,17 +120,6 @@ def steps(arch: str, a: argparse.Namespace) -> dict[str, int]:
             "recover": spec.get("recover_steps", a.recover_steps)}
 
 
-def _data(a: argparse.Namespace) -> dict[str, Any]:
-    """scikit-learn's digits (1797 images: test and val 359 each, one sample 0.28 pp), or with
-    --printed N, N locally rendered printed digits (RGB, made gray by the same preprocessing):
-    the same task with splits large enough to resolve a 0.5 pp int8 target (N=6000: 1200 test
-    images, 0.08 pp each); calibration then comes from the train split."""
-    split = {"train": 0.6, "val": 0.2, "test": 0.2, "stratify": True}
-    if a.printed:
-        return {"source": "builtin:printed-digits", "samples": a.printed, "split": split}
-    return {"source": "builtin:digits", "calibration": str(CALIBRATION), "split": split}
-
-
 def pipeline(arch: str, a: argparse.Namespace, int8: str = "ptq") -> dict[str, Any]:
     spec = ARCHS.get(arch, {"options": QUICK_OPTIONS.get(arch, {})})
     train = {"epochs": 1000, "batch_size": 32, "optimizer": "adamw", "schedule": "cosine"}
@@ -141,7 +127,8 @@ def pipeline(arch: str, a: argparse.Namespace, int8: str = "ptq") -> dict[str, A
     return {
         "name": f"zoo-{arch}", "seed": a.seed,
         "preprocess": {"size": [32, 32], "channels": "gray", "mean": [0.5], "std": [0.5]},
-        "data": _data(a),
+        "data": {"source": "builtin:digits", "calibration": str(CALIBRATION),
+                 "split": {"train": 0.6, "val": 0.2, "test": 0.2, "stratify": True}},
         "stages": [
             {"name": "train", "type": "finetune",
              "model": {"arch": f"torchvision/{arch}", "options": spec.get("options", {})},
@@ -313,14 +300,11 @@ def main() -> None:
     p.add_argument("--reread", action="store_true",
                    help="measure nothing: re-read every row's figures from its run folder's "
                         "reports (after a change to what the table shows) and re-render")
-    p.add_argument("--printed", type=int, metavar="N",
-                   help="N rendered printed digits instead of scikit-learn's 1797 (larger test "
-                        "and val splits); results go to zoo-printed.{json,md}")
     a = p.parse_args()
     if a.merge or a.reread:
         merge(a)
         return
-    stem = "zoo-printed" if a.printed else "zoo"
+    stem = "zoo"
     if a.quick:
         a.archs, a.train_steps, a.recover_steps, a.latency_runs = ",".join(QUICK), 20, 4, 5
         a.workdir, stem = a.workdir.with_name(a.workdir.name + "-quick"), "zoo.quick"
@@ -349,8 +333,7 @@ def merge(a: argparse.Namespace) -> None:
     """Rows of other zoo.json files replace the same architectures' rows in --results; the machine
     line keeps the earliest date and the highest load seen. With --reread, every row's figures are
     read again from its run folder."""
-    stem = "zoo-printed" if a.printed else "zoo"
-    base = json.loads((a.results / f"{stem}.json").read_text())
+    base = json.loads((a.results / "zoo.json").read_text())
     rows = {r["arch"]: r for r in base["rows"]}
     info = base["machine"]
     info["date"] = info["date"].split(" (")[0]  # which rows when: provenance()
@@ -369,7 +352,7 @@ def merge(a: argparse.Namespace) -> None:
     settings = base["settings"]
     for k in ("train_steps", "recover_steps", "threads"):
         setattr(a, k, settings.get(k, getattr(a, k)))
-    js, mdp = write_results(stem, {"machine": info, "settings": settings, "rows": ordered},
+    js, mdp = write_results("zoo", {"machine": info, "settings": settings, "rows": ordered},
                             render(ordered, a, info), a.results)
     print(f"wrote {js} and {mdp}")
 

@@ -108,8 +108,7 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace, info: dict[str, An
     test_n = next((r["test_n"] for r in rows if "test_n" in r), "?")
     return "\n".join([
         "# The architectures edge users ship (benchmarks/zoo.py)", "",
-        (f"{a.printed} rendered printed digits (builtin:printed-digits)"
-         if getattr(a, "printed", None) else "scikit-learn digits") + f", grayscale 32x32 (test n={test_n}); trained from scratch "
+        f"scikit-learn digits, grayscale 32x32 (test n={test_n}); trained from scratch "
         f"(AdamW, cosine, batch 32, augment); pruned to 0.5 MACs with distilled recovery "
         f"(training and recovery steps of each row: column 'steps'); int8 within 0.5 pp "
         f"(val) with at most 4 layers kept in float, else QAT (200 steps), else plain int8 "
