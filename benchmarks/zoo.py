@@ -218,8 +218,14 @@ def _measured() -> dict[str, Any]:
 
 
 def _budget_line(stderr: str) -> str:
-    line = next((ln for ln in stderr.splitlines() if "max_accuracy_drop:" in ln), "")
-    return line.split("max_accuracy_drop:", 1)[-1].split(" weighted layer(s) ")[0].strip()[:300]
+    """The quantize stage's budget miss: the figures, and QAT's result when QAT ran (the stage
+    names it at the end of the same message, which the terminal may have wrapped)."""
+    text = " ".join(stderr.split())
+    miss = text.partition("max_accuracy_drop:")[2].partition(" hint:")[0]
+    qat = miss.partition("; after quantization-aware training")[2]
+    head, kept, _ = miss.partition(" weighted layer(s) running in float")
+    return (head.strip()[:300] + (" layer(s) in float" if kept else "")
+            + (f"; after QAT{qat}" if qat else ""))
 
 
 def _json(run_dir: Path, pattern: str) -> dict[str, Any]:

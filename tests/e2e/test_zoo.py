@@ -121,3 +121,19 @@ def test_zoo_benchmark_reduced_version(tmp_path: Path) -> None:
         assert all(d["runs_in"] in ("f32", "bf16", "f16") for d in deployed.values()), deployed
     table = (tmp_path / "zoo.quick.md").read_text()
     assert "| mobilenet_v3_small |" in table and "| shufflenet_v2_x0_5 |" in table
+
+
+def test_zoo_budget_note_keeps_what_qat_reached() -> None:
+    """A row whose int8 missed the budget twice says what QAT reached: the quantize stage names it
+    at the end of its message, after the layers kept in float, and the terminal may wrap it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import zoo
+
+    err = ("error: stage quantize: max_accuracy_drop: onnxruntime int8 misses the accuracy "
+           "budget: 90.25% vs fp32 91.64% on 359 val\nsamples (drop 1.39 pp > max_accuracy_drop "
+           "0.5 pp) with 4 weighted layer(s) running in float (max_float_layers=4): a, b; after "
+           "quantization-aware training (200 steps): 90.81% (drop 0.83 pp)\n  hint: raise it")
+    assert zoo._budget_line(err) == (
+        "onnxruntime int8 misses the accuracy budget: 90.25% vs fp32 91.64% on 359 val samples "
+        "(drop 1.39 pp > max_accuracy_drop 0.5 pp) with 4 layer(s) in float; after QAT (200 "
+        "steps): 90.81% (drop 0.83 pp)")
