@@ -167,6 +167,7 @@ def measure(subject: Subject, runner: runtimes.Runner, samples: Samples, classes
     ref_logits = reference.logits if reference is not None else logits
     ref_top1 = reference.entry["accuracy"]["top1_pct"] if reference is not None else acc.top1_pct
     parity = metrics.parity(logits, ref_logits, ref_top1, acc.top1_pct)
+    parity.update(batch_of_one(runner, samples, logits))
     lat = runtimes.measure_latency(runner, latency_x, warmup=latency.warmup, runs=latency.runs,
                                    batch=latency.batch, throughput_runs=latency.throughput_runs)
     n_macs, params, macs_note = macs
@@ -196,6 +197,29 @@ def measure(subject: Subject, runner: runtimes.Runner, samples: Samples, classes
         "io": runner.io, "passed": None, "recommended": False, "notes": notes,
         "robustness": None}  # filled by validate's robustness pass when configured
     return Measured(entry, logits)
+
+
+#: samples each artifact also runs one at a time
+BATCH1_SAMPLES = 16
+
+
+def batch_of_one(runner: runtimes.Runner, samples: Samples, logits: np.ndarray
+                 ) -> dict[str, Any]:
+    """The first samples run one at a time against the same samples batched: accuracy is
+    computed batched, but an edge device runs batch 1 and latency is timed at batch 1, so both
+    must be the same computation. Measured trap: OpenVINO 2026.4.1 int8 IRs with depthwise
+    convolutions and a dynamic batch were wrong at batch 1 alone (mobilenet_v2 9 % top-1, 100 %
+    batched). Nothing to compare where the graph's batch is static (every call runs it)."""
+    if runner.static_batch is not None or len(samples) < 2:
+        return {}
+    k = min(BATCH1_SAMPLES, len(samples))
+    x = samples.first(k)
+    one = np.concatenate([np.asarray(runner(x[i:i + 1]), np.float32).reshape(1, -1)
+                          for i in range(k)])
+    ref = logits[:k]
+    scale = float(np.abs(ref).max()) or 1.0
+    return {"batch1_samples": k, "batch1_agreement": metrics.agreement(one, ref),
+            "batch1_max_rel_diff": float(np.abs(one - ref).max() / scale)}
 
 
 def io_note(io: dict[str, Any]) -> str | None:

@@ -274,6 +274,16 @@ def builtin_gates(entries: list[dict[str, Any]], primary: str, *, min_reference_
                          "" if ok else f"{div['distinct_predictions']} of "
                          f"{div['classes_in_labels']} classes predicted; parity against a "
                          f"near-constant model proves nothing"))
+    for e in entries:  # the same answer one sample at a time as batched (evaluation.batch_of_one)
+        agree = (e.get("parity") or {}).get("batch1_agreement")
+        if agree is not None and agree < 1.0:
+            n = e["parity"]["batch1_samples"]
+            rows.append(_row("parity.batch1", "builtin", e["name"], "batch1_agreement", ">=", 1.0,
+                             agree, "", "fail",
+                             f"one sample at a time, {e['name']} predicts another class than "
+                             f"batched on {round((1 - agree) * n)} of {n} samples (max |Δlogit| "
+                             f"{e['parity']['batch1_max_rel_diff']:.3g} of the logits' range): "
+                             f"its accuracy, measured batched, is not what batch 1 gives"))
     if min_correlation is not None:
         # every artifact against its own reference; the secondary torch references (e.g. the
         # unpruned model) are not gated by `all`

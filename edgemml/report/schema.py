@@ -26,6 +26,11 @@ class Parity(TypedDict, total=False):
     cosine_min: float
     correlation: float
     accuracy_drop_pp: float | None
+    # the first samples one at a time vs batched (evaluation.batch_of_one); absent for a graph
+    # with a static batch
+    batch1_samples: int
+    batch1_agreement: float
+    batch1_max_rel_diff: float
 
 
 class Latency(TypedDict):
