@@ -306,7 +306,13 @@ def main() -> None:
     p.add_argument("--reread", action="store_true",
                    help="measure nothing: re-read every row's figures from its run folder's "
                         "reports (after a change to what the table shows) and re-render")
+    p.add_argument("--revalidate", metavar="ARCHS",
+                   help="re-run only the validate stage of these rows (comma-separated, or all) "
+                        "on the artifacts they made, e.g. after a fix in how artifacts are run, "
+                        "then re-read every row; the rows record when (`validated`)")
     a = p.parse_args()
+    if a.revalidate:
+        a.reread = True
     if a.merge or a.reread:
         merge(a)
         return
@@ -335,6 +341,21 @@ def main() -> None:
     print(f"wrote {js} and {mdp}")
 
 
+def revalidate(r: dict[str, Any], a: argparse.Namespace) -> None:
+    """`edgemml run --only validate` in the row's run folder: the same artifacts, measured again
+    by the current validate stage (its earlier stages are not re-run, even if their code has
+    changed since: edgemml warns and uses their outputs)."""
+    run_dir = Path(r["run_dir"])
+    pipeline_file = run_dir.parent / f"{run_dir.name}.yaml"
+    proc = _cli("run", str(pipeline_file), "--out", str(run_dir), "--only", "validate", "--quiet",
+                threads=a.train_threads)
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"{r['arch']}: validate exited {proc.returncode}: "
+                         f"{_error_line(proc.stdout + proc.stderr)}")
+    r["validated"] = {k: v for k, v in _measured().items() if k != "int8_budget"}
+    print(f"re-validated {r['arch']} (exit {proc.returncode})", flush=True)
+
+
 def merge(a: argparse.Namespace) -> None:
     """Rows of other zoo.json files replace the same architectures' rows in --results; the machine
     line keeps the earliest date and the highest load seen. With --reread, every row's figures are
@@ -350,7 +371,10 @@ def merge(a: argparse.Namespace) -> None:
                                   other["machine"].get("loadavg_end") or [0])
         print(f"merged {', '.join(r['arch'] for r in other['rows'])} from {f}")
     if a.reread:  # the run folders hold every figure; when and how each row ran stays as it was
+        wanted = set(a.revalidate.split(",")) if a.revalidate else set()
         for r in rows.values():
+            if r["status"] == "ok" and ("all" in wanted or r["arch"] in wanted):
+                revalidate(r, a)
             if r["status"] == "ok":
                 r.update(read_run(Path(r["run_dir"])))
                 print(f"re-read {r['arch']} from {r['run_dir']}")

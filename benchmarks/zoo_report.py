@@ -132,4 +132,11 @@ def provenance(rows: list[dict[str, Any]]) -> list[str]:
         key = (f"{m['date']} at {m['commit']}, int8 budget {json.dumps(m['int8_budget'])}"
                if m else "2026-11-30 (first full run), int8 budget {\"max_accuracy_drop\": 0.5}")
         runs.setdefault(key, []).append(r["arch"])
-    return ["Rows by measurement:", *[f"- {k}: {', '.join(v)}" for k, v in runs.items()]]
+    again: dict[str, list[str]] = {}
+    for r in rows:
+        if r.get("validated"):
+            again.setdefault(f"{r['validated']['date']} at {r['validated']['commit']}",
+                             []).append(r["arch"])
+    return ["Rows by measurement:", *[f"- {k}: {', '.join(v)}" for k, v in runs.items()],
+            *[f"- validate re-run on the same artifacts {k}: {', '.join(v)}"
+              for k, v in again.items()]]
