@@ -77,7 +77,8 @@ def build_report(ctx: StageContext, config: ValidateConfig, plan: Plan, n: int,
     gates = {k: v.model_dump(exclude_none=True) for k, v in config.gates.items()}
     rows = builtin_gates(entries, plan.primary,
                          min_reference_diversity=config.min_reference_diversity,
-                         min_correlation=config.min_correlation)
+                         min_correlation=config.min_correlation,
+                         min_batch1_agreement=config.min_batch1_agreement)
     _speedups(entries, plan.primary)
     rows += evaluate_gates(entries, gates, baseline)
     sweeps = [s.as_dict() for s in getattr(ctx.pipeline, "sweeps", [])]

@@ -85,6 +85,13 @@ class ValidateConfig(StageConfig):
     min_correlation: float | None = Field(
         0.9, ge=-1, le=1, description="Always-on parity sanity gate for every artifact: "
         "correlation with the reference's logits over the samples (null disables).")
+    min_batch1_agreement: float | None = Field(
+        0.9, ge=0, le=1, description="Always-on gate for every artifact whose batch is dynamic: "
+        "the first 32 samples run one at a time must predict the class they get batched on "
+        "this fraction of them (near-ties aside). Batch-dependent numerics flip a borderline "
+        "sample (OpenVINO's int8 convnext_tiny: 1 of 16, its logits differing by up to a third "
+        "of their range between batch 1 and 16); a broken batch-1 path flips most (OpenVINO "
+        "2026.4.1 int8 depthwise IRs: 88 %). null disables.")
     min_reference_diversity: float | None = Field(
         0.5, ge=0, le=1, description="Always-on gate: the reference must predict at least this "
         "fraction of the classes present, or parity proves nothing (null disables).")
