@@ -352,6 +352,7 @@ def revalidate(r: dict[str, Any], a: argparse.Namespace) -> None:
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{r['arch']}: validate exited {proc.returncode}: "
                          f"{_error_line(proc.stdout + proc.stderr)}")
+    r["exit"] = proc.returncode
     r["validated"] = {k: v for k, v in _measured().items() if k != "int8_budget"}
     print(f"re-validated {r['arch']} (exit {proc.returncode})", flush=True)
 
