@@ -241,7 +241,7 @@ INT8_ARTIFACTS = (("onnx-int8", "onnxruntime"), ("openvino-int8[f32]", "openvino
 
 
 def _as_deployed(int8: dict[str, Any], fp32: dict[str, Any]) -> dict[str, Any]:
-    """OpenVINO's int8 and pruned fp32 artifacts compiled as a plain compile_model() runs them
+    """OpenVINO's int8 and pruned fp32 artifacts compiled as a plain compile_model call runs them
     (validate's as-deployed measurement): top-1, the precision OpenVINO reported, batch-1 ms."""
     return {k: {"top1_pct": x["accuracy"]["top1_pct"], "runs_in": x.get("runtime_precision"),
                 "batch1_median_ms": x["latency"]["batch1_median_ms"]}

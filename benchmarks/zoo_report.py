@@ -25,7 +25,7 @@ def _int8_cells(r: dict[str, Any], backend: str) -> list[str]:
 
 
 def _deployed_note(r: dict[str, Any]) -> str:
-    """OpenVINO as a plain compile_model() runs it: int8 against the pruned fp32 IR run the same
+    """OpenVINO as a plain compile_model call runs it: int8 against the pruned fp32 IR run the same
     way (both in the default precision), the figure a deployment without the f32 hint sees."""
     d = (r["int8"].get("openvino") or {}).get("default_precision")
     if not d:
@@ -37,7 +37,7 @@ def _deployed_note(r: dict[str, Any]) -> str:
 
 
 def _deployed_cell(r: dict[str, Any]) -> str:
-    """OpenVINO's int8 and pruned fp32 top-1 as a plain compile_model() runs them, in what, and
+    """OpenVINO's int8 and pruned fp32 top-1 as a plain compile_model call runs them, in what, and
     the int8's speed-up over torch eager that way (the [f32] column's speed-up is the pinned
     IR's: the two can differ)."""
     d = (r["int8"].get("openvino") or {}).get("default_precision")
@@ -116,7 +116,7 @@ def render(rows: list[dict[str, Any]], a: argparse.Namespace, info: dict[str, An
         f"model one column left (int8 against the pruned fp32). OpenVINO int8 [f32]: compiled "
         f"with INFERENCE_PRECISION_HINT=f32, as the accuracy budget was checked and as "
         f"edgemml's bundle runs it; 'OV default precision': the int8 and the pruned fp32 IR as "
-        f"a plain compile_model() runs them (bf16 outside the int8 ops on this CPU). Speed-ups "
+        f"a plain compile_model call runs them (bf16 outside the int8 ops on this CPU). Speed-ups "
         f"at 32x32 (per-call overhead dominates: see the docstring).", "",
         markdown(rows), "", *[f"- {t}" for t in targets(rows)], "",
         *provenance(rows), "",
